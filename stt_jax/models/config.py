@@ -1,0 +1,272 @@
+"""ModelConfig: the architecture of one Llama-family decoder, read from an HF config.json.
+
+One frozen dataclass serves Llama 2/3/3.1, Mistral and Qwen2/2.5, so the decoder has a single
+code path with a few switches (biases, tied embeddings, RoPE scaling, sliding window). Both the
+pre-v5 transformers keys (`rope_theta`, `rope_scaling`, `torch_dtype`) and the v5 keys
+(`rope_parameters`, `dtype`) are accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+class ConfigError(ValueError):
+  """A config.json that we cannot (or must not) turn into a ModelConfig."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture fields of a decoder; names follow the HF config keys they come from."""
+
+  architecture: str  # HF `architectures[0]`.
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  # RoPE scaling as a sorted tuple of (key, value) pairs so the config stays hashable.
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2 always; Llama `attention_bias`.
+  o_bias: bool = False  # Llama `attention_bias` only.
+  mlp_bias: bool = False  # Llama `mlp_bias`.
+  # Per-layer sliding window (None = full attention), from Mistral `sliding_window` or Qwen2
+  # `layer_types`; a tuple with one entry per layer.
+  sliding_windows: tuple[int | None, ...] | None = None
+  checkpoint_dtype: str | None = None  # `torch_dtype` / `dtype` of the stored weights.
+  bos_token_id: int | None = None
+  eos_token_id: tuple[int, ...] = ()
+  pad_token_id: int | None = None
+  # The original config.json, kept to write it back on export; excluded from hash/eq.
+  hf_config: dict | None = dataclasses.field(
+      default=None, compare=False, hash=False, repr=False)
+  # The folder the weights came from (tokenizer files are copied from it on export).
+  source_dir: str | None = dataclasses.field(default=None, compare=False, hash=False)
+
+  @property
+  def model_type(self) -> str:
+    return SUPPORTED_ARCHITECTURES[self.architecture]
+
+  @property
+  def rope_type(self) -> str:
+    return dict(self.rope_scaling or ()).get("rope_type", "default")
+
+  def sliding_window(self, layer: int) -> int | None:
+    return self.sliding_windows[layer] if self.sliding_windows else None
+
+  def inv_freq(self) -> np.ndarray:
+    """RoPE inverse frequencies [head_dim // 2], float32, with llama3 scaling if configured."""
+    dim = self.head_dim
+    inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    inv = inv.astype(np.float32)
+    if self.rope_type == "default":
+      return inv
+    params = dict(self.rope_scaling)
+    factor = params["factor"]
+    low, high = params["low_freq_factor"], params["high_freq_factor"]
+    old_len = params["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+  def num_params(self) -> int:
+    """Parameter count (for memory/FLOP estimates)."""
+    h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+    q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
+    attn = h * (q + 2 * kv) + q * h
+    attn += (q + 2 * kv) * self.qkv_bias + h * self.o_bias
+    mlp = 3 * h * i + (2 * i + h) * self.mlp_bias
+    layer = attn + mlp + 2 * h
+    emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+    return self.num_hidden_layers * layer + emb + h
+
+  # ---------------------------------------------------------------- HF round trip
+
+  @classmethod
+  def from_hf_dict(cls, raw: dict, source: str = "config.json") -> ModelConfig:
+    """Validates an HF config dict; every failure is one line naming the key and the fix."""
+    archs = raw.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch is None:
+      by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+      arch = by_type.get(raw.get("model_type"))
+    if arch not in SUPPORTED_ARCHITECTURES:
+      raise ConfigError(
+          f"{source}: unsupported architecture {archs or raw.get('model_type')!r} (key "
+          f"'architectures'); supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    model_type = SUPPORTED_ARCHITECTURES[arch]
+
+    def need(key):
+      if key not in raw or raw[key] is None:
+        raise ConfigError(f"{source}: missing required key {key!r} for {arch}")
+      return raw[key]
+
+    act = raw.get("hidden_act", "silu")
+    if act not in SUPPORTED_ACTIVATIONS:
+      raise ConfigError(f"{source}: unsupported hidden_act {act!r}; supported: "
+                        f"{', '.join(SUPPORTED_ACTIVATIONS)}")
+    heads = int(need("num_attention_heads"))
+    hidden = int(need("hidden_size"))
+    kv_heads = int(raw.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
+      raise ConfigError(f"{source}: num_attention_heads={heads} is not a multiple of "
+                        f"num_key_value_heads={kv_heads}")
+    head_dim = int(raw.get("head_dim") or hidden // heads)
+    layers = int(need("num_hidden_layers"))
+
+    rope_theta, rope_scaling = _read_rope(raw, source)
+    if raw.get("partial_rotary_factor", 1.0) != 1.0:
+      raise ConfigError(f"{source}: partial_rotary_factor != 1 is not supported")
+
+    attention_bias = bool(raw.get("attention_bias", False))
+    qkv_bias = True if model_type == "qwen2" else attention_bias
+    o_bias = attention_bias if model_type == "llama" else False
+    mlp_bias = bool(raw.get("mlp_bias", False)) if model_type == "llama" else False
+
+    sliding = _read_sliding_windows(raw, model_type, layers)
+    eos = raw.get("eos_token_id")
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    return cls(
+        architecture=arch,
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        sliding_windows=sliding,
+        checkpoint_dtype=raw.get("dtype") or raw.get("torch_dtype"),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=eos,
+        pad_token_id=raw.get("pad_token_id"),
+        hf_config=dict(raw),
+    )
+
+  @classmethod
+  def from_hf(cls, path: str | os.PathLike) -> ModelConfig:
+    """Reads `<path>/config.json` (or a config.json path)."""
+    path = os.fspath(path)
+    file = path if path.endswith(".json") else os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+      raise ConfigError(f"{file}: not found; pass a local Hugging Face model folder "
+                        "(config.json + *.safetensors)")
+    try:
+      with open(file, encoding="utf-8") as f:
+        raw = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{file}: not valid JSON ({e}); re-download or re-export the model") from e
+    return cls.from_hf_dict(raw, source=file)
+
+  def to_hf_dict(self, dtype: str | None = None) -> dict:
+    """An HF config dict that transformers reads back into the same architecture."""
+    out = dict(self.hf_config or {})
+    out.update({
+        "architectures": [self.architecture],
+        "model_type": self.model_type,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_hidden_layers,
+        "num_attention_heads": self.num_attention_heads,
+        "num_key_value_heads": self.num_key_value_heads,
+        "head_dim": self.head_dim,
+        "rms_norm_eps": self.rms_norm_eps,
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "hidden_act": "silu",
+    })
+    if not self.hf_config:
+      out["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta,
+                                **dict(self.rope_scaling or ())}
+      if self.model_type == "llama":
+        out["attention_bias"] = self.qkv_bias
+        out["mlp_bias"] = self.mlp_bias
+      for key in ("bos_token_id", "pad_token_id"):
+        if getattr(self, key) is not None:
+          out[key] = getattr(self, key)
+      if self.eos_token_id:
+        out["eos_token_id"] = (list(self.eos_token_id) if len(self.eos_token_id) > 1
+                               else self.eos_token_id[0])
+    if dtype is not None:
+      out["dtype"] = dtype
+      out.pop("torch_dtype", None)
+    return out
+
+
+def _read_rope(raw: dict, source: str) -> tuple[float, tuple | None]:
+  """Returns (theta, scaling) from either `rope_parameters` (v5) or `rope_theta`/`rope_scaling`."""
+  params = raw.get("rope_parameters")
+  key = "rope_parameters"
+  if params is None:
+    params = dict(raw.get("rope_scaling") or {})
+    key = "rope_scaling"
+    if "rope_theta" in raw:
+      params.setdefault("rope_theta", raw["rope_theta"])
+  params = dict(params)
+  if "type" in params and "rope_type" not in params:  # Oldest form: {"type": "linear", ...}.
+    params["rope_type"] = params.pop("type")
+  theta = float(params.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+  rope_type = params.get("rope_type", "default")
+  if rope_type not in SUPPORTED_ROPE_TYPES:
+    raise ConfigError(f"{source}: unsupported rope type {rope_type!r} (key '{key}.rope_type'); "
+                      f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+  if rope_type == "default":
+    return theta, None
+  required = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+  missing = [k for k in required if k not in params]
+  if missing:
+    raise ConfigError(f"{source}: rope type 'llama3' needs {key}.{missing[0]}")
+  return theta, tuple(sorted((k, params[k]) for k in ("rope_type",) + required))
+
+
+def _read_sliding_windows(raw: dict, model_type: str, layers: int):
+  """Per-layer window sizes following transformers' rules for each family."""
+  if model_type == "llama":
+    return None
+  window = raw.get("sliding_window")
+  if model_type == "mistral":
+    return (int(window),) * layers if window else None
+  # Qwen2: windows only where `layer_types` says so (derived from use_sliding_window otherwise).
+  if not raw.get("use_sliding_window") or not window:
+    window = None
+  types = raw.get("layer_types")
+  if types is None:
+    start = int(raw.get("max_window_layers", layers))
+    types = ["sliding_attention" if window and i >= start else "full_attention"
+             for i in range(layers)]
+  if not window or "sliding_attention" not in types:
+    return None
+  return tuple(int(window) if t == "sliding_attention" else None for t in types)

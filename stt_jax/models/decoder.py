@@ -1,0 +1,284 @@
+"""One NNX decoder for the Llama family: Llama 2/3/3.1, Mistral, Qwen2/2.5.
+
+Parameter names and the module tree mirror Hugging Face (`model.layers.N.self_attn.q_proj`),
+so loading is renames plus transposes (see hf_io.py). Every weight carries logical axis names
+(`logical_axes` metadata) that `stt_jax.sharding` resolves onto the mesh; activations are
+constrained the same way. Norms, softmax and logits are computed in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from stt_jax import sharding
+from stt_jax.models.config import ModelConfig
+
+_NEG = -1e30  # Finite "minus infinity": a fully masked row gives uniform weights, not NaN.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Preallocated keys/values of every layer, written in place at a shared slot `index`.
+
+  k, v: [layers, batch, max_len, kv_heads, head_dim]; valid: [batch, max_len] marks slots that
+  hold real (non-padding) tokens; index: next slot to write (scalar int32). Prompts are left
+  padded so one `dynamic_update_slice` at `index` serves the whole batch.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32,
+            mesh: Mesh | None = None) -> KVCache:
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads,
+             config.head_dim)
+    k = jnp.zeros(shape, dtype)
+    v = jnp.zeros(shape, dtype)
+    valid = jnp.zeros((batch, max_len), jnp.bool_)
+    if mesh is not None:
+      kv_sharding = sharding.named_sharding(mesh, KV_CACHE_AXES, shape)
+      k, v = jax.device_put(k, kv_sharding), jax.device_put(v, kv_sharding)
+      valid = jax.device_put(valid, sharding.named_sharding(mesh, ("batch", None), valid.shape))
+    return cls(k=k, v=v, valid=valid, index=jnp.zeros((), jnp.int32))
+
+
+KV_CACHE_AXES = (None, "batch", "cache_length", "act_kv_heads", None)
+
+
+def _linear(cfg_in: int, cfg_out: int, axes: tuple[str, str], bias: bool, dtype, param_dtype,
+            rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(
+      cfg_in, cfg_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nnx.initializers.normal(0.02), rngs=rngs,
+      kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[1:]})
+
+
+class RMSNorm(nnx.Module):
+  """HF Llama RMSNorm: normalise in float32, cast back, then scale."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(dtype) * x32.astype(dtype)
+
+
+def rope_cos_sin(inv_freq: np.ndarray, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """cos/sin tables [batch, length, head_dim] for explicit per-token positions."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Half-split ("rotate_half") RoPE as in HF; x: [batch, length, heads, head_dim]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with RoPE and an optional in-place KV cache."""
+
+  def __init__(self, config: ModelConfig, *, dtype, param_dtype, mesh, rngs):
+    c = config
+    self.num_heads, self.num_kv_heads, self.head_dim = (
+        c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+    q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    args = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = _linear(c.hidden_size, q_dim, ("embed", "heads"), c.qkv_bias, **args)
+    self.k_proj = _linear(c.hidden_size, kv_dim, ("embed", "kv_heads"), c.qkv_bias, **args)
+    self.v_proj = _linear(c.hidden_size, kv_dim, ("embed", "kv_heads"), c.qkv_bias, **args)
+    self.o_proj = _linear(q_dim, c.hidden_size, ("heads", "embed"), c.o_bias, **args)
+    self.dtype = dtype
+    self.mesh = mesh
+
+  def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
+    """x: [B, L, E]; mask: [B, 1, L, S] bool. With `cache_kv=(k, v)` ([B, S, K, D] each) the
+    new keys/values are written at slot `index` and attention reads the whole cache."""
+    b, l, _ = x.shape
+    q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+    q = sharding.constrain(apply_rope(q, cos, sin), self.mesh,
+                           ("batch", "length", "act_heads", None))
+    k = sharding.constrain(apply_rope(k, cos, sin), self.mesh,
+                           ("batch", "length", "act_kv_heads", None))
+    v = sharding.constrain(v, self.mesh, ("batch", "length", "act_kv_heads", None))
+    if cache_kv is not None:
+      ck, cv = cache_kv
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+      cache_kv = (ck, cv)
+      k, v = ck.astype(self.dtype), cv.astype(self.dtype)
+    groups = self.num_heads // self.num_kv_heads
+    q = q.reshape(b, l, self.num_kv_heads, groups, self.head_dim)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (self.head_dim ** -0.5)
+    scores = jnp.where(mask[:, :, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, self.num_heads * self.head_dim)
+    out = sharding.constrain(out, self.mesh, ("batch", "length", "act_heads"))
+    return self.o_proj(out), cache_kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: ModelConfig, *, dtype, param_dtype, mesh, rngs):
+    c = config
+    args = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = _linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), c.mlp_bias,
+                             **args)
+    self.up_proj = _linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), c.mlp_bias,
+                           **args)
+    self.down_proj = _linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), c.mlp_bias,
+                             **args)
+    self.mesh = mesh
+
+  def __call__(self, x):
+    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    h = sharding.constrain(h, self.mesh, ("batch", "length", "act_mlp"))
+    return self.down_proj(h)
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config: ModelConfig, *, dtype, param_dtype, mesh, rngs):
+    args = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, rngs=rngs)
+    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                   param_dtype=param_dtype)
+    self.self_attn = Attention(config, **args)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                            param_dtype=param_dtype)
+    self.mlp = MLP(config, **args)
+    self.mesh = mesh
+
+  def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
+    h, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, index)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return sharding.constrain(x, self.mesh, ("batch", "length", "act_embed")), cache_kv
+
+
+class DecoderModel(nnx.Module):
+  """The HF `model.` subtree: embeddings, layers, final norm."""
+
+  def __init__(self, config: ModelConfig, *, dtype, param_dtype, mesh, rngs):
+    self.embed_tokens = nnx.Embed(
+        config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+        embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
+        embedding_metadata={"logical_axes": ("vocab", "embed")})
+    self.layers = nnx.List([
+        DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rngs=rngs)
+        for _ in range(config.num_hidden_layers)])
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+
+
+class CausalLM(nnx.Module):
+  """Decoder + LM head. `model(input_ids, attention_mask)` -> float32 logits [B, L, V]."""
+
+  def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               mesh: Mesh | None = None, rngs: nnx.Rngs | None = None):
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.config = config
+    self.dtype = jnp.dtype(dtype)
+    self.mesh = mesh
+    self.model = DecoderModel(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                              rngs=rngs)
+    if not config.tie_word_embeddings:
+      self.lm_head = _linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), False,
+                             dtype, param_dtype, rngs)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None, *,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """Full-sequence forward.
+
+    attention_mask: [B, L], 1 for real tokens (left or right padding). positions default to the
+    count of real tokens before each one, so a padded row computes what it would alone.
+    segment_ids: [B, L] for packed sequences (attention stays within a segment).
+    """
+    b, l = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, l), jnp.bool_)
+    attention_mask = attention_mask.astype(jnp.bool_)
+    if positions is None:
+      positions = positions_from_mask(attention_mask)
+    idx = jnp.arange(l)
+    mask = (idx[None, :] <= idx[:, None])[None] & attention_mask[:, None, :]
+    if segment_ids is not None:
+      mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    hidden = self._embed(input_ids)
+    windows = self._window_masks(mask[:, None], idx, idx)
+    cos, sin = rope_cos_sin(self.config.inv_freq(), positions, self.dtype)
+    for i, layer in enumerate(self.model.layers):
+      hidden, _ = layer(hidden, cos, sin, windows[self.config.sliding_window(i)])
+    return self._logits(hidden)
+
+  def forward_cached(self, input_ids: jax.Array, attention_mask: jax.Array,
+                     positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Appends `input_ids` ([B, L], left padded) to the cache at `cache.index`; returns logits
+    [B, L, V] and the updated cache. Used by prefill (L = prompt) and decoding (L = 1)."""
+    b, l = input_ids.shape
+    s = cache.k.shape[2]
+    valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(jnp.bool_),
+                                         (0, cache.index))
+    q_idx = cache.index + jnp.arange(l)
+    k_idx = jnp.arange(s)
+    mask = (k_idx[None, :] <= q_idx[:, None])[None] & valid[:, None, :]
+    windows = self._window_masks(mask[:, None], q_idx, k_idx)
+    hidden = self._embed(input_ids)
+    cos, sin = rope_cos_sin(self.config.inv_freq(), positions, self.dtype)
+    ks, vs = cache.k, cache.v
+    for i, layer in enumerate(self.model.layers):
+      hidden, (k_i, v_i) = layer(hidden, cos, sin, windows[self.config.sliding_window(i)],
+                                 (ks[i], vs[i]), cache.index)
+      ks = ks.at[i].set(k_i)
+      vs = vs.at[i].set(v_i)
+    new_cache = KVCache(k=ks, v=vs, valid=valid, index=cache.index + l)
+    return self._logits(hidden), new_cache
+
+  # ------------------------------------------------------------------ pieces
+
+  def _embed(self, input_ids):
+    hidden = self.model.embed_tokens(input_ids).astype(self.dtype)
+    return sharding.constrain(hidden, self.mesh, ("batch", "length", "act_embed"))
+
+  def _logits(self, hidden):
+    hidden = self.model.norm(hidden)
+    if self.config.tie_word_embeddings:
+      logits = self.model.embed_tokens.attend(hidden)
+    else:
+      logits = self.lm_head(hidden)
+    logits = logits.astype(jnp.float32)
+    return sharding.constrain(logits, self.mesh, ("batch", "length", "act_vocab"))
+
+  def _window_masks(self, mask, q_idx, k_idx) -> dict[Any, jax.Array]:
+    """The causal/padding mask, plus one variant per distinct sliding window (HF semantics:
+    a key is visible when q_idx - window < k_idx)."""
+    out = {None: mask}
+    for w in set(self.config.sliding_windows or ()) - {None}:
+      out[w] = mask & (k_idx[None, :] > q_idx[:, None] - w)[None, None]
+    return out
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+  """Position of each token = number of real tokens before it (pads get 0)."""
+  m = attention_mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)

@@ -1,0 +1,130 @@
+"""Device mesh and the one table that maps logical axis names onto it.
+
+Modules name the axes of every weight and activation logically (`embed`, `heads`, `batch`, ...).
+`LOGICAL_RULES` says which mesh axes each name is split over; nothing else in the code base
+hard-codes a PartitionSpec. The same code then runs on 1 CPU device, 8 emulated CPU devices, a
+GPU or a TPU slice: only the mesh changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes it is split over (in order). A mesh axis of size 1 is a no-op.
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    # Parameters: FSDP over the model dimension, tensor parallel over heads / MLP / vocab.
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "norm": (),
+    # Activations.
+    "batch": ("data", "fsdp"),
+    "length": (),
+    "act_embed": (),
+    "act_heads": ("tensor",),
+    "act_kv_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+    "cache_length": (),
+}
+
+_warned: set = set()
+
+
+class ShardingError(ValueError):
+  """A mesh or logical axis that cannot be resolved."""
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
+              devices: Sequence[Any] | None = None) -> Mesh:
+  """Builds a ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (= the remaining devices).
+
+  `shape=None` puts every device on `fsdp`. Axis types are Auto so that jit and sharding
+  constraints propagate shardings (jax 0.10 defaults `make_mesh` to Explicit).
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  if shape is None:
+    shape = {"fsdp": -1}
+  if not isinstance(shape, Mapping):
+    shape = dict(zip(MESH_AXES, shape))
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ShardingError(f"mesh: unknown axis {sorted(unknown)[0]!r}; axes are {MESH_AXES}")
+  sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ShardingError(f"mesh: at most one axis may be -1, got {free}")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if len(devices) % known:
+      raise ShardingError(f"mesh {dict(shape)}: {len(devices)} devices are not divisible by "
+                          f"the fixed axes' product {known}")
+    sizes[free[0]] = len(devices) // known
+  total = math.prod(sizes.values())
+  if total != len(devices):
+    raise ShardingError(f"mesh {sizes} needs {total} devices but {len(devices)} are available; "
+                        "make the product match or set one axis to -1")
+  grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+  return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None, rules: Mapping = LOGICAL_RULES) -> P:
+  """Resolves logical axis names to a PartitionSpec.
+
+  A mesh axis is used once per array (first logical axis wins). With `shape` and `mesh`, mesh
+  axes that do not divide a dimension are dropped for it (e.g. 2 KV heads on tensor=4), which
+  keeps every placement valid; each such fallback is logged once.
+  """
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(logical):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in rules:
+      raise ShardingError(f"unknown logical axis {name!r}; known: {', '.join(sorted(rules))}")
+    axes = []
+    for axis in rules[name]:
+      if axis in used:
+        continue
+      if mesh is not None:
+        size = mesh.shape.get(axis, 1)
+        if size == 1:
+          continue
+        if shape is not None and shape[i] % (math.prod(mesh.shape[a] for a in axes) * size):
+          key = (name, shape[i], axis)
+          if key not in _warned:
+            _warned.add(key)
+            logging.info("sharding: %s dim %d not divisible by mesh axis %s=%d; replicated",
+                         name, shape[i], axis, size)
+          continue
+      axes.append(axis)
+      used.add(axis)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+  return P(*spec)
+
+
+def named_sharding(mesh: Mesh, logical: Sequence[str | None],
+                   shape: Sequence[int] | None = None) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical, shape, mesh))
+
+
+def constrain(x: jax.Array, mesh: Mesh | None, logical: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on an activation; applied on every backend (CPU included) when a
+  mesh is given, so the emulated 8-device tests exercise the same partitioning as a TPU."""
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical, x.shape))
