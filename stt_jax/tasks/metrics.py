@@ -1,0 +1,260 @@
+"""Answer extraction and metrics shared by the tasks.
+
+Everything here is pure Python over strings, so it is testable without a
+model and identical for training-time checks and evaluation.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+import unicodedata
+from typing import Callable, Optional, Sequence, Union
+
+Number = Union[int, float]
+
+# ---------------------------------------------------------------------------
+# Numbers (MGSM).
+
+# Spaces used as thousands separators: regular, no-break, narrow no-break,
+# thin and figure space.
+_SPACES = " \u00a0\u202f\u2009\u2007"
+
+# (thousands separators, decimal marks) per language. A separator followed by
+# exactly three digits is read as a thousands group first, so "1.000" in
+# German is 1000 while "2.5" is still 2.5; in English "2,5" is two numbers.
+_NUMBER_STYLE = {
+    "de": (".'" + _SPACES, ",."),
+    "es": ("." + _SPACES, ",."),
+    "ru": (_SPACES, ",."),
+    "fr": (_SPACES, ",."),
+}
+_DEFAULT_STYLE = ("," + _SPACES, ".")
+
+# Full-width and typographic variants folded to ASCII before parsing. Digits
+# need no folding: Python's \d, int() and float() accept every Unicode decimal
+# digit (full-width ０-９, Thai ๐-๙, ...).
+_FOLD = str.maketrans({
+    "\uff0c": ",", "\uff0e": ".", "\uff0d": "-", "\u2212": "-",
+    "\uff1a": ":",
+})
+
+# Phrases that introduce the final answer, as written in the MGSM exemplars
+# (data/mgsm/exemplars_*.jsonl): en "The answer is 11.", de "Die Antwort
+# lautet 29." (once "Die Antwort ist 11."), ru "Ответ — 11.", th "คำตอบคือ 11",
+# zh "答案是 11。". English is always tried as well, since a model tested in
+# another language may still answer in English.
+ANSWER_PHRASES = {
+    "en": r"the answer is",
+    "de": r"die antwort (?:lautet|ist)",
+    "ru": r"ответ\b(?:\s*(?:будет|равен|равно|составляет))?",
+    "th": r"คำตอบคือ|คำตอบ\s*:",
+    "zh": r"答案(?:是|为|:)",
+}
+# Between the phrase and its number only spaces, punctuation and currency
+# signs may appear ("The answer is $18", "Ответ — 11", "答案是：11").
+_GAP = r"[^\w\n]{0,12}?"
+
+
+def _number_regex(lang: str) -> str:
+  thousands, decimal = _NUMBER_STYLE.get(lang, _DEFAULT_STYLE)
+  t, d = re.escape(thousands), re.escape(decimal)
+  return (rf"(?:(?<![\w-])(?P<sign>-))?(?<!\d)"
+          rf"(?P<int>\d{{1,3}}(?:[{t}]\d{{3}})+(?!\d)|\d+)"
+          rf"(?:[{d}](?P<frac>\d+))?")
+
+
+def _answer_regex(lang: str) -> str:
+  phrases = sorted({ANSWER_PHRASES["en"], ANSWER_PHRASES.get(lang, "")} - {""})
+  return "(?:" + "|".join(phrases) + ")" + _GAP + _number_regex(lang)
+
+
+_STYLE_LANGS = (*_NUMBER_STYLE, *ANSWER_PHRASES)
+_NUMBER_RE = {lang: re.compile(_number_regex(lang)) for lang in _STYLE_LANGS}
+_ANSWER_RE = {lang: re.compile(_answer_regex(lang), re.IGNORECASE)
+              for lang in _STYLE_LANGS}
+
+
+def _as_number(match: re.Match) -> Number:
+  digits = "".join(ch for ch in match["int"] if ch.isdigit())
+  text = (match["sign"] or "") + digits
+  if match["frac"] and int(match["frac"]) != 0:
+    return float(f"{text}.{match['frac']}")
+  return int(text)
+
+
+def parse_number(text: str, lang: str = "en") -> Optional[Number]:
+  """Parses a whole string as one number ('2,125' -> 2125), else None."""
+  text = str(text).translate(_FOLD).strip()
+  match = _NUMBER_RE.get(lang, _NUMBER_RE["en"]).fullmatch(text)
+  return _as_number(match) if match else None
+
+
+def find_numbers(text: str, lang: str = "en") -> list[Number]:
+  """All numbers in `text`, read with the conventions of `lang`."""
+  number_re = _NUMBER_RE.get(lang, _NUMBER_RE["en"])
+  return [_as_number(m) for m in number_re.finditer(text.translate(_FOLD))]
+
+
+def extract_number(text: str, lang: str = "en") -> Optional[Number]:
+  """The final answer of a chain of thought.
+
+  The first "The answer is N" (in `lang` or English) wins; without one, the
+  last number in the text. None when the text has no number.
+  """
+  text = text.translate(_FOLD)
+  answer = _ANSWER_RE.get(lang, _ANSWER_RE["en"]).search(text)
+  if answer:
+    return _as_number(answer)
+  numbers = find_numbers(text, lang)
+  return numbers[-1] if numbers else None
+
+
+def numbers_equal(a: Optional[Number], b: Optional[Number]) -> bool:
+  """Numeric equality (18 == 18.0), tolerant to float round-off."""
+  if a is None or b is None:
+    return False
+  return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+def format_number(value: Number) -> str:
+  """Canonical text for a gold number: no separators, no trailing '.0'."""
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  return str(value)
+
+
+# ---------------------------------------------------------------------------
+# Spans (XQuAD): SQuAD v1.1 exact match and token F1.
+
+# Languages without whitespace word boundaries: F1 over characters.
+CHAR_TOKEN_LANGS = frozenset({"zh", "th", "ja"})
+
+
+def _is_punct(ch: str) -> bool:
+  # SQuAD v1.1 strips string.punctuation; the MLQA script extends that to all
+  # Unicode punctuation (category P*), which matters for "。", "«", "—"...
+  return ch in string.punctuation or unicodedata.category(ch).startswith("P")
+
+
+def normalize_answer(text: str, lang: str = "en") -> str:
+  """SQuAD v1.1 normalisation: lower, drop punctuation and English articles,
+  collapse whitespace."""
+  text = "".join(ch for ch in text.lower() if not _is_punct(ch))
+  if lang == "en":
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+  return " ".join(text.split())
+
+
+def answer_tokens(text: str, lang: str = "en") -> list[str]:
+  """Tokens for F1: characters for zh/th, whitespace words otherwise."""
+  normalized = normalize_answer(text, lang)
+  if lang in CHAR_TOKEN_LANGS:
+    return [ch for ch in normalized if not ch.isspace()]
+  return normalized.split()
+
+
+def exact_match(prediction: str, gold: str, lang: str = "en") -> float:
+  return float(normalize_answer(prediction, lang) ==
+               normalize_answer(gold, lang))
+
+
+def token_f1(prediction: str, gold: str, lang: str = "en") -> float:
+  """Harmonic mean of token precision and recall (bag of tokens)."""
+  pred, ref = answer_tokens(prediction, lang), answer_tokens(gold, lang)
+  if not pred or not ref:  # SQuAD v2 rule, so an empty gold can still match.
+    return float(pred == ref)
+  same = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+  if same == 0:
+    return 0.0
+  precision, recall = same / len(pred), same / len(ref)
+  return 2 * precision * recall / (precision + recall)
+
+
+def max_over_golds(metric: Callable[[str, str, str], float], prediction: str,
+                   golds: Sequence[str], lang: str) -> float:
+  return max(metric(prediction, gold, lang) for gold in golds)
+
+
+def first_line(text: str) -> str:
+  """The first non-empty line, stripped: a span answer ends at a newline."""
+  for line in text.splitlines():
+    if line.strip():
+      return line.strip()
+  return ""
+
+
+# ---------------------------------------------------------------------------
+# Labels (XNLI).
+
+LABELS = ("entailment", "neutral", "contradiction")
+
+# Stems of each label word; a model fine-tuned on translated data may answer
+# with the label in the target language. English is always accepted.
+LABEL_STEMS = {
+    "en": {"entailment": ("entail",), "neutral": ("neutral",),
+           "contradiction": ("contradict",)},
+    "de": {"entailment": ("folgerung", "implikation", "folgt"),
+           "neutral": ("neutral",),
+           "contradiction": ("widerspr",)},
+    "ru": {"entailment": ("следован", "следств"),
+           "neutral": ("нейтрал",),
+           "contradiction": ("противореч",)},
+    "th": {"entailment": ("การอนุมาน", "คล้อยตาม", "สอดคล้อง"),
+           "neutral": ("เป็นกลาง",),
+           "contradiction": ("ขัดแย้ง",)},
+    "zh": {"entailment": ("蕴含", "蕴涵", "包含"),
+           "neutral": ("中立", "中性"),
+           "contradiction": ("矛盾",)},
+}
+
+
+def _label_re(lang: str) -> re.Pattern:
+  stems = {}
+  for table in (LABEL_STEMS["en"], LABEL_STEMS.get(lang, {})):
+    for label, words in table.items():
+      for word in words:
+        stems[word] = label
+  alternatives = "|".join(
+      f"(?P<{label}_{i}>{re.escape(word)})"
+      for i, (word, label) in enumerate(
+          sorted(stems.items(), key=lambda kv: -len(kv[0]))))
+  return re.compile(alternatives, re.IGNORECASE)
+
+
+_LABEL_RE = {lang: _label_re(lang) for lang in LABEL_STEMS}
+
+
+def match_label(text: str, lang: str = "en") -> Optional[str]:
+  """The label whose word appears first in `text` (English or `lang`)."""
+  match = _LABEL_RE.get(lang, _LABEL_RE["en"]).search(text)
+  if not match:
+    return None
+  return match.lastgroup.rsplit("_", 1)[0]
+
+
+ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+def rank_choices(prompts: Sequence[str], choices: Sequence[str],
+                 score_fn: ScoreFn) -> list[int]:
+  """Index of the highest-scoring continuation for each prompt.
+
+  `score_fn(prompts, continuations)` returns one score (e.g. summed log-
+  likelihood) per pair; all prompts x choices go in one call so the caller
+  can batch them. Ties go to the earlier choice.
+  """
+  flat_prompts = [p for p in prompts for _ in choices]
+  flat_choices = [c for _ in prompts for c in choices]
+  scores = list(score_fn(flat_prompts, flat_choices))
+  if len(scores) != len(flat_prompts):
+    raise ValueError(f"score_fn returned {len(scores)} scores for "
+                     f"{len(flat_prompts)} prompt/continuation pairs")
+  k = len(choices)
+  return [max(range(k), key=lambda j, i=i: (scores[i * k + j], -j))
+          for i in range(len(prompts))]
+
+
+def mean(values: Sequence[float]) -> float:
+  return sum(values) / len(values) if values else 0.0
