@@ -195,7 +195,7 @@ LABELS = ("entailment", "neutral", "contradiction")
 LABEL_STEMS = {
     "en": {"entailment": ("entail",), "neutral": ("neutral",),
            "contradiction": ("contradict",)},
-    "de": {"entailment": ("folgerung", "implikation", "folgt"),
+    "de": {"entailment": ("folgerung", "implikation"),
            "neutral": ("neutral",),
            "contradiction": ("widerspr",)},
     "ru": {"entailment": ("следован", "следств"),
@@ -204,34 +204,33 @@ LABEL_STEMS = {
     "th": {"entailment": ("การอนุมาน", "คล้อยตาม", "สอดคล้อง"),
            "neutral": ("เป็นกลาง",),
            "contradiction": ("ขัดแย้ง",)},
-    "zh": {"entailment": ("蕴含", "蕴涵", "包含"),
+    "zh": {"entailment": ("蕴含", "蕴涵"),
            "neutral": ("中立", "中性"),
            "contradiction": ("矛盾",)},
 }
 
 
-def _label_re(lang: str) -> re.Pattern:
-  stems = {}
+def _label_words(lang: str) -> dict[str, str]:
+  """Lower-case stem -> label, for English and `lang`."""
+  words = {}
   for table in (LABEL_STEMS["en"], LABEL_STEMS.get(lang, {})):
-    for label, words in table.items():
-      for word in words:
-        stems[word] = label
-  alternatives = "|".join(
-      f"(?P<{label}_{i}>{re.escape(word)})"
-      for i, (word, label) in enumerate(
-          sorted(stems.items(), key=lambda kv: -len(kv[0]))))
-  return re.compile(alternatives, re.IGNORECASE)
+    words.update({w: label for label, stems in table.items() for w in stems})
+  return words
 
 
-_LABEL_RE = {lang: _label_re(lang) for lang in LABEL_STEMS}
+_LABEL_WORDS = {lang: _label_words(lang) for lang in LABEL_STEMS}
+_LABEL_RE = {
+    lang: re.compile("|".join(map(re.escape, sorted(words, key=len,
+                                                    reverse=True))),
+                     re.IGNORECASE)
+    for lang, words in _LABEL_WORDS.items()}
 
 
 def match_label(text: str, lang: str = "en") -> Optional[str]:
   """The label whose word appears first in `text` (English or `lang`)."""
-  match = _LABEL_RE.get(lang, _LABEL_RE["en"]).search(text)
-  if not match:
-    return None
-  return match.lastgroup.rsplit("_", 1)[0]
+  lang = lang if lang in LABEL_STEMS else "en"
+  match = _LABEL_RE[lang].search(text)
+  return _LABEL_WORDS[lang][match.group(0).lower()] if match else None
 
 
 ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
