@@ -82,3 +82,36 @@ def random_batch(rng: np.random.Generator, lengths, pad_left: bool):
 
 def tmp_model(tmp_path_factory, kind: str, **kw) -> str:
   return make_tiny(kind, os.fspath(tmp_path_factory.mktemp(kind)), **kw)
+
+
+def byte_tokenizer(out_dir: str | None = None):
+  """A real HF fast tokenizer whose 256 tokens are the bytes (fits the tiny vocab): id 0 pad,
+  1 bos, 2 eos are the bytes 0-2, which never occur in normal text."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers
+  alphabet = pre_tokenizers.ByteLevel.alphabet()
+  byte_to_unicode = sorted(alphabet, key=lambda ch: _byte_of(ch))
+  vocab = {ch: i for i, ch in enumerate(byte_to_unicode)}
+  tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token=byte_to_unicode[0], bos_token=byte_to_unicode[1],
+      eos_token=byte_to_unicode[2])
+  if out_dir:
+    fast.save_pretrained(out_dir)
+  return fast
+
+
+def _byte_of(ch: str) -> int:
+  """Inverse of GPT-2's bytes_to_unicode for one character."""
+  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+      list(range(ord("®"), ord("ÿ") + 1))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(map(chr, cs), bs))[ch]

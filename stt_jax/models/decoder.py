@@ -43,13 +43,9 @@ class KVCache:
             mesh: Mesh | None = None) -> KVCache:
     shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads,
              config.head_dim)
-    k = jnp.zeros(shape, dtype)
-    v = jnp.zeros(shape, dtype)
-    valid = jnp.zeros((batch, max_len), jnp.bool_)
-    if mesh is not None:
-      kv_sharding = sharding.named_sharding(mesh, KV_CACHE_AXES, shape)
-      k, v = jax.device_put(k, kv_sharding), jax.device_put(v, kv_sharding)
-      valid = jax.device_put(valid, sharding.named_sharding(mesh, ("batch", None), valid.shape))
+    k = sharding.constrain(jnp.zeros(shape, dtype), mesh, KV_CACHE_AXES)
+    v = sharding.constrain(jnp.zeros(shape, dtype), mesh, KV_CACHE_AXES)
+    valid = sharding.constrain(jnp.zeros((batch, max_len), jnp.bool_), mesh, ("batch", None))
     return cls(k=k, v=v, valid=valid, index=jnp.zeros((), jnp.int32))
 
 
@@ -108,9 +104,13 @@ class Attention(nnx.Module):
     self.dtype = dtype
     self.mesh = mesh
 
-  def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
-    """x: [B, L, E]; mask: [B, 1, L, S] bool. With `cache_kv=(k, v)` ([B, S, K, D] each) the
-    new keys/values are written at slot `index` and attention reads the whole cache."""
+  def __call__(self, x, cos, sin, mask, cache=None):
+    """x: [B, L, E]; mask: [B, 1, L, S] bool.
+
+    cache: optional (k_all, v_all, layer, index) with k_all/v_all [layers, B, S, K, D]; the new
+    keys/values are written in place at slot `index` of `layer` and attention reads that
+    layer's whole cache. Returns (output, updated (k_all, v_all) or None).
+    """
     b, l, _ = x.shape
     q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
@@ -120,12 +120,14 @@ class Attention(nnx.Module):
     k = sharding.constrain(apply_rope(k, cos, sin), self.mesh,
                            ("batch", "length", "act_kv_heads", None))
     v = sharding.constrain(v, self.mesh, ("batch", "length", "act_kv_heads", None))
-    if cache_kv is not None:
-      ck, cv = cache_kv
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-      cache_kv = (ck, cv)
-      k, v = ck.astype(self.dtype), cv.astype(self.dtype)
+    new_cache = None
+    if cache is not None:
+      k_all, v_all, layer, index = cache
+      at = (layer, 0, index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+      new_cache = (k_all, v_all)
+      k, v = k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype)
     groups = self.num_heads // self.num_kv_heads
     q = q.reshape(b, l, self.num_kv_heads, groups, self.head_dim)
     scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
@@ -134,7 +136,7 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, self.num_heads * self.head_dim)
     out = sharding.constrain(out, self.mesh, ("batch", "length", "act_heads"))
-    return self.o_proj(out), cache_kv
+    return self.o_proj(out), new_cache
 
 
 class MLP(nnx.Module):
@@ -169,11 +171,11 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(config, **args)
     self.mesh = mesh
 
-  def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
-    h, cache_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, index)
+  def __call__(self, x, cos, sin, mask, cache=None):
+    h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return sharding.constrain(x, self.mesh, ("batch", "length", "act_embed")), cache_kv
+    return sharding.constrain(x, self.mesh, ("batch", "length", "act_embed")), new_cache
 
 
 class DecoderModel(nnx.Module):
@@ -247,10 +249,8 @@ class CausalLM(nnx.Module):
     cos, sin = rope_cos_sin(self.config.inv_freq(), positions, self.dtype)
     ks, vs = cache.k, cache.v
     for i, layer in enumerate(self.model.layers):
-      hidden, (k_i, v_i) = layer(hidden, cos, sin, windows[self.config.sliding_window(i)],
-                                 (ks[i], vs[i]), cache.index)
-      ks = ks.at[i].set(k_i)
-      vs = vs.at[i].set(v_i)
+      hidden, (ks, vs) = layer(hidden, cos, sin, windows[self.config.sliding_window(i)],
+                               (ks, vs, i, cache.index))
     new_cache = KVCache(k=ks, v=vs, valid=valid, index=cache.index + l)
     return self._logits(hidden), new_cache
 

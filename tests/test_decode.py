@@ -1,0 +1,140 @@
+"""Decoding: token-identical to transformers greedy, batched == single, sharded == unsharded,
+stop conditions and context-length policy."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from stt_jax import decode, sharding
+from stt_jax.models import load_hf
+from tests import hf_tiny
+
+NEW = 12
+
+
+def hf_greedy(folder, prompts, max_new_tokens=NEW, eos=None):
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      folder, dtype=torch.float32, attn_implementation="eager")
+  width = max(len(p) for p in prompts)
+  ids = torch.zeros((len(prompts), width), dtype=torch.long)
+  mask = torch.zeros((len(prompts), width), dtype=torch.long)
+  for r, p in enumerate(prompts):
+    ids[r, width - len(p):] = torch.tensor(p)
+    mask[r, width - len(p):] = 1
+  with torch.no_grad():
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=eos, pad_token_id=0, min_new_tokens=0)
+  res = []
+  for row in out[:, width:].tolist():
+    if eos is not None and eos in row:
+      row = row[:row.index(eos) + 1]
+    res.append(row)
+  return res
+
+
+def prompts_of(lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  return [list(map(int, rng.integers(3, hf_tiny.VOCAB, size=n))) for n in lengths]
+
+
+@pytest.fixture(scope="module", params=["llama_gqa", "llama3_rope", "mistral_window", "qwen2",
+                                        "llama_head_dim_tied"])
+def tiny(request, tmp_path_factory):
+  return hf_tiny.tmp_model(tmp_path_factory, request.param)
+
+
+def test_greedy_token_identical_to_transformers(tiny):
+  prompts = prompts_of([5, 17, 9, 1])
+  expected = hf_greedy(tiny, prompts)
+  model, _ = load_hf(tiny)
+  got = decode.generate_tokens(model, prompts, max_new_tokens=NEW, eos_ids=(), batch_size=4)
+  assert got == expected
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+  return hf_tiny.tmp_model(tmp_path_factory, "qwen2")
+
+
+def test_batched_equals_single_and_sharded_equals_unsharded(qwen):
+  prompts = prompts_of([3, 20, 7, 11, 2, 30, 8, 5, 14], seed=1)
+  model, _ = load_hf(qwen)
+  single = [decode.generate_tokens(model, [p], NEW, eos_ids=(), batch_size=1)[0]
+            for p in prompts]
+  batched = decode.generate_tokens(model, prompts, NEW, eos_ids=(), batch_size=4)
+  assert batched == single
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  sharded_model, _ = load_hf(qwen, mesh=mesh)
+  sharded = decode.generate_tokens(sharded_model, prompts, NEW, eos_ids=(), batch_size=8)
+  assert sharded == single
+
+
+def test_eos_and_stop_conditions(qwen):
+  model, _ = load_hf(qwen)
+  prompt = prompts_of([6], seed=2)
+  free = decode.generate_tokens(model, prompt, NEW, eos_ids=())[0]
+  assert len(free) == NEW
+  eos = free[3]
+  first = free.index(eos)
+  with_eos = decode.generate_tokens(model, prompt, NEW, eos_ids=(eos,))[0]
+  assert with_eos == free[:first + 1]
+  assert hf_greedy(qwen, prompt, eos=eos)[0] == with_eos
+  # A stop token and a two-token stop sequence end the row right after them.
+  assert decode.generate_tokens(model, prompt, NEW, eos_ids=(), stop_token_ids=(free[5],))[0] \
+      == free[:free.index(free[5]) + 1]
+  seq = free[6:8]
+  hit = next(i for i in range(1, NEW) if free[i - 1:i + 1] == seq)
+  assert decode.generate_tokens(model, prompt, NEW, eos_ids=(), stop_sequences=(seq,))[0] \
+      == free[:hit + 1]
+  # max_new_tokens bounds the output.
+  assert decode.generate_tokens(model, prompt, 3, eos_ids=())[0] == free[:3]
+
+
+def test_empty_list_and_long_prompt(qwen):
+  model, config = load_hf(qwen)
+  assert decode.generate_tokens(model, [], NEW) == []
+  too_long = prompts_of([config.max_position_embeddings], seed=3)
+  with pytest.raises(decode.DecodeError, match=r"prompt 0 has 256 tokens.*truncate='left'"):
+    decode.generate_tokens(model, too_long, NEW)
+  # The documented policy keeps the last tokens.
+  cut = decode.generate_tokens(model, too_long, NEW, truncate="left", eos_ids=())[0]
+  kept = too_long[0][-(config.max_position_embeddings - NEW):]
+  assert cut == decode.generate_tokens(model, [kept], NEW, eos_ids=())[0]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(qwen):
+  model, _ = load_hf(qwen)
+  prompts = prompts_of([4, 9], seed=4)
+  greedy = decode.generate_tokens(model, prompts, NEW, eos_ids=())
+  a = decode.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0, seed=7)
+  b = decode.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0, seed=7)
+  c = decode.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0, seed=8)
+  assert a == b and a != c
+  assert decode.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0,
+                                top_k=1) == greedy
+  assert decode.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0,
+                                top_p=1e-6) == greedy
+
+
+def test_trim_text():
+  assert decode.trim_text("你好\n世界", ["\n"]) == "你好"
+  assert decode.trim_text("abc German: x", ["\n", "German:"]) == "abc "
+  assert decode.trim_text("no stop", ["\n"]) == "no stop"
+
+
+def test_text_generate_matches_transformers_and_trims_stops(qwen):
+  tok = hf_tiny.byte_tokenizer()
+  model, _ = load_hf(qwen)
+  texts = ["English: cat\nGerman:", "Hello", "x" * 40]
+  ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+  raw = hf_greedy(qwen, ids, max_new_tokens=NEW, eos=2)
+  expected = []
+  for row in raw:
+    row = row[:-1] if row and row[-1] == 2 else row
+    expected.append(decode.trim_text(tok.decode(row), ["o", "\n"]))
+  got = decode.generate(model, tok, texts, max_new_tokens=NEW, stop=("o", "\n"),
+                        add_special_tokens=False, batch_size=2)
+  assert got == expected
+  # Rows that hit a stop token end early on device: all stopped rows' texts lack the stop.
+  assert all("o" not in g and "\n" not in g for g in got)
