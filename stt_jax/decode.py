@@ -110,7 +110,8 @@ def _decode_batch(graphdef, state, ids, mask, key, temperature, top_p, stop_mask
   select = functools.partial(_select, temperature=temperature, top_p=top_p, greedy=greedy,
                              top_k=top_k)
   cache = KVCache.zeros(model.config, b, p + max_new_tokens, model.dtype, model.mesh)
-  logits, cache = model.forward_cached(ids, mask, positions_from_mask(mask), cache)
+  logits, cache = model.forward_cached(ids, mask, positions_from_mask(mask), cache,
+                                       last_only=True)
   first = select(logits[:, -1], jax.random.fold_in(key, 0))
   width = stop_seqs.shape[1]
 

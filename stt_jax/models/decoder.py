@@ -28,7 +28,8 @@ _NEG = -1e30  # Finite "minus infinity": a fully masked row gives uniform weight
 class KVCache:
   """Preallocated keys/values of every layer, written in place at a shared slot `index`.
 
-  k, v: [layers, batch, max_len, kv_heads, head_dim]; valid: [batch, max_len] marks slots that
+  k, v: [layers, batch, kv_heads, max_len, head_dim] (the layout the attention dots read
+  without transposes); valid: [batch, max_len] marks slots that
   hold real (non-padding) tokens; index: next slot to write (scalar int32). Prompts are left
   padded so one `dynamic_update_slice` at `index` serves the whole batch.
   """
@@ -41,7 +42,7 @@ class KVCache:
   @classmethod
   def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32,
             mesh: Mesh | None = None) -> KVCache:
-    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads,
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len,
              config.head_dim)
     k = sharding.constrain(jnp.zeros(shape, dtype), mesh, KV_CACHE_AXES)
     v = sharding.constrain(jnp.zeros(shape, dtype), mesh, KV_CACHE_AXES)
@@ -49,7 +50,7 @@ class KVCache:
     return cls(k=k, v=v, valid=valid, index=jnp.zeros((), jnp.int32))
 
 
-KV_CACHE_AXES = (None, "batch", "cache_length", "act_kv_heads", None)
+KV_CACHE_AXES = (None, "batch", "act_kv_heads", "cache_length", None)
 
 
 def _linear(cfg_in: int, cfg_out: int, axes: tuple[str, str], bias: bool, dtype, param_dtype,
@@ -107,7 +108,7 @@ class Attention(nnx.Module):
   def __call__(self, x, cos, sin, mask, cache=None):
     """x: [B, L, E]; mask: [B, 1, L, S] bool.
 
-    cache: optional (k_all, v_all, layer, index) with k_all/v_all [layers, B, S, K, D]; the new
+    cache: optional (k_all, v_all, layer, index) with k_all/v_all [layers, B, K, S, D]; the new
     keys/values are written in place at slot `index` of `layer` and attention reads that
     layer's whole cache. Returns (output, updated (k_all, v_all) or None).
     """
@@ -120,21 +121,22 @@ class Attention(nnx.Module):
     k = sharding.constrain(apply_rope(k, cos, sin), self.mesh,
                            ("batch", "length", "act_kv_heads", None))
     v = sharding.constrain(v, self.mesh, ("batch", "length", "act_kv_heads", None))
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, L, D]
     new_cache = None
     if cache is not None:
       k_all, v_all, layer, index = cache
-      at = (layer, 0, index, 0, 0)
+      at = (layer, 0, 0, index, 0)
       k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
       v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
       new_cache = (k_all, v_all)
       k, v = k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype)
     groups = self.num_heads // self.num_kv_heads
     q = q.reshape(b, l, self.num_kv_heads, groups, self.head_dim)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("blkgd,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
     scores = scores * (self.head_dim ** -0.5)
     scores = jnp.where(mask[:, :, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, self.num_heads * self.head_dim)
+    out = jnp.einsum("bkgls,bksd->blkgd", probs, v).reshape(b, l, self.num_heads * self.head_dim)
     out = sharding.constrain(out, self.mesh, ("batch", "length", "act_heads"))
     return self.o_proj(out), new_cache
 
@@ -234,11 +236,13 @@ class CausalLM(nnx.Module):
     return self._logits(hidden)
 
   def forward_cached(self, input_ids: jax.Array, attention_mask: jax.Array,
-                     positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+                     positions: jax.Array, cache: KVCache, last_only: bool = False
+                     ) -> tuple[jax.Array, KVCache]:
     """Appends `input_ids` ([B, L], left padded) to the cache at `cache.index`; returns logits
-    [B, L, V] and the updated cache. Used by prefill (L = prompt) and decoding (L = 1)."""
+    [B, L, V] (or [B, 1, V] for the last position with `last_only`, which is all a prefill
+    needs) and the updated cache. Used by prefill (L = prompt) and decoding (L = 1)."""
     b, l = input_ids.shape
-    s = cache.k.shape[2]
+    s = cache.k.shape[3]
     valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(jnp.bool_),
                                          (0, cache.index))
     q_idx = cache.index + jnp.arange(l)
@@ -252,6 +256,8 @@ class CausalLM(nnx.Module):
       hidden, (ks, vs) = layer(hidden, cos, sin, windows[self.config.sliding_window(i)],
                                (ks, vs, i, cache.index))
     new_cache = KVCache(k=ks, v=vs, valid=valid, index=cache.index + l)
+    if last_only:
+      hidden = hidden[:, -1:]
     return self._logits(hidden), new_cache
 
   # ------------------------------------------------------------------ pieces
