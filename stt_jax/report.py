@@ -1,0 +1,193 @@
+"""Results table and plots from `eval/metrics.jsonl`: variants × languages, deltas over
+zero-shot cross-lingual transfer, 95% intervals, and accuracy vs model size.
+
+    python -m stt_jax.report --workdir=/path/to/workdir [--workdir=another ...]
+
+Each metric row is {variant, step, task, lang, metric, value, ci_low, ci_high, n, model,
+params}. The table takes each (model, variant)'s latest step (the end of training).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+
+PRIMARY = {"mgsm": "accuracy", "xquad": "f1", "xnli": "accuracy"}
+VARIANT_ORDER = ("base", "zero_shot", "self_translate", "self_translate_cs")
+BASELINE = "zero_shot"
+
+
+def read_metrics(paths: Iterable[str]) -> list[dict]:
+  """Rows of every metrics.jsonl (torn or corrupt lines are skipped with a warning)."""
+  rows = []
+  for path in paths:
+    if not os.path.isfile(path):
+      continue
+    with open(path, encoding="utf-8") as f:
+      for k, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          logging.warning("%s:%d: unreadable metrics row skipped", path, k)
+  return rows
+
+
+def latest(rows: Sequence[dict]) -> dict[tuple, dict]:
+  """(model, task, variant, lang, metric) -> the row with the highest step."""
+  out: dict[tuple, dict] = {}
+  for r in rows:
+    key = (r.get("model", ""), r["task"], r["variant"], r["lang"], r["metric"])
+    if key not in out or r["step"] >= out[key]["step"]:
+      out[key] = r
+  return out
+
+
+def _variants(keys) -> list[str]:
+  seen = {k[2] for k in keys}
+  return [v for v in VARIANT_ORDER if v in seen] + sorted(seen - set(VARIANT_ORDER))
+
+
+def _langs(keys) -> list[str]:
+  seen = {k[3] for k in keys}
+  return sorted(seen - {"en"}) + (["en"] if "en" in seen else [])
+
+
+def _fmt(value: float, metric: str) -> str:
+  return f"{value * 100:.1f}" if metric == "accuracy" else f"{value:.1f}"
+
+
+def table(rows: Sequence[dict]) -> tuple[str, list[list]]:
+  """Markdown table(s), one per (model, task), and the same content as CSV rows."""
+  best = latest(rows)
+  md, csv_rows = [], [["model", "task", "metric", "variant", "lang", "step", "value",
+                       "ci_low", "ci_high", "n", "delta_vs_zero_shot"]]
+  groups = sorted({(k[0], k[1]) for k in best})
+  for model, task in groups:
+    metric = PRIMARY.get(task) or next(k[4] for k in best if k[:2] == (model, task))
+    keys = [k for k in best if k[:2] == (model, task) and k[4] == metric]
+    variants, langs = _variants(keys), _langs(keys)
+    scale = "%" if metric == "accuracy" else ""
+    md.append(f"### {task} — {metric}{' (%)' if scale else ''}"
+              f"{f' — {model}' if model else ''}\n")
+    md.append("| variant | " + " | ".join(langs) + " |")
+    md.append("|---|" + "---|" * len(langs))
+    for v in variants:
+      cells = []
+      for lang in langs:
+        r = best.get((model, task, v, lang, metric))
+        if r is None:
+          cells.append("—")
+          continue
+        cell = f"{_fmt(r['value'], metric)} [{_fmt(r['ci_low'], metric)}, " \
+               f"{_fmt(r['ci_high'], metric)}]"
+        base = best.get((model, task, BASELINE, lang, metric))
+        delta = None
+        if base is not None and v != BASELINE:
+          delta = r["value"] - base["value"]
+          cell += f" ({'+' if delta >= 0 else ''}{_fmt(delta, metric)})"
+        cells.append(cell)
+        csv_rows.append([model, task, metric, v, lang, r["step"], r["value"], r["ci_low"],
+                         r["ci_high"], r.get("n"), delta])
+      md.append(f"| {v} | " + " | ".join(cells) + " |")
+    ns = sorted({best[k].get("n") for k in keys if best[k].get("n") is not None})
+    md.append(f"\nn = {', '.join(map(str, ns))} test items per language; brackets: bootstrap "
+              f"95% interval; parentheses: difference to {BASELINE} (zero-shot transfer).\n")
+  return "\n".join(md), csv_rows
+
+
+def plot(rows: Sequence[dict], path: str) -> str | None:
+  """Per-language grouped bars with 95% intervals per (model, task); plus accuracy vs model
+  size when several models share the rows (the paper's Figure 2)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  best = latest(rows)
+  groups = sorted({(k[0], k[1]) for k in best})
+  if not groups:
+    return None
+  models = sorted({k[0] for k in best}, key=lambda m: _params(rows, m))
+  size_plot = len(models) > 1
+  ncols = len(groups) + (1 if size_plot else 0)
+  fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
+  for ax, (model, task) in zip(axes[0], groups):
+    metric = PRIMARY.get(task, "accuracy")
+    keys = [k for k in best if k[:2] == (model, task) and k[4] == metric]
+    variants, langs = _variants(keys), _langs(keys)
+    width = 0.8 / max(len(variants), 1)
+    for j, v in enumerate(variants):
+      xs, ys, errs = [], [], [[], []]
+      for i, lang in enumerate(langs):
+        r = best.get((model, task, v, lang, metric))
+        if r is None:
+          continue
+        xs.append(i + j * width)
+        ys.append(r["value"])
+        errs[0].append(max(r["value"] - r["ci_low"], 0))
+        errs[1].append(max(r["ci_high"] - r["value"], 0))
+      ax.bar(xs, ys, width, yerr=errs, capsize=3, label=v)
+    ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(langs))], langs)
+    ax.set_title(f"{task}{f' ({model})' if model else ''}")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+  if size_plot:
+    ax = axes[0][-1]
+    task = groups[0][1]
+    metric = PRIMARY.get(task, "accuracy")
+    for v in _variants(best):
+      pts = []
+      for m in models:
+        vals = [best[k]["value"] for k in best
+                if k[0] == m and k[1] == task and k[2] == v and k[4] == metric and k[3] != "en"]
+        if vals:
+          pts.append((_params(rows, m), sum(vals) / len(vals)))
+      if pts:
+        ax.plot([p for p, _ in pts], [y for _, y in pts], marker="o", label=v)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(f"{task} {metric} (mean over target languages)")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def _params(rows, model) -> float:
+  return next((r["params"] for r in rows if r.get("model", "") == model and r.get("params")),
+              0.0)
+
+
+def write_report(workdirs: Sequence[str], out_dir: str | None = None) -> str:
+  """Writes report.md, report.csv and report.png into out_dir (default: first workdir)."""
+  rows = read_metrics(os.path.join(w, "eval", "metrics.jsonl") for w in workdirs)
+  out_dir = out_dir or workdirs[0]
+  os.makedirs(out_dir, exist_ok=True)
+  md, csv_rows = table(rows)
+  with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+    f.write("# Self-Translate-Train results\n\n" + (md or "No metrics yet.\n"))
+  buf = io.StringIO()
+  csv.writer(buf).writerows(csv_rows)
+  with open(os.path.join(out_dir, "report.csv"), "w", encoding="utf-8") as f:
+    f.write(buf.getvalue())
+  if rows:
+    plot(rows, os.path.join(out_dir, "report.png"))
+  return md
+
+
+def main(argv=None):
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description="Results table and plot from eval metrics.")
+  parser.add_argument("--workdir", action="append", required=True)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  print(write_report(args.workdir, args.out))
+
+
+if __name__ == "__main__":
+  main()

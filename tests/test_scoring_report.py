@@ -1,0 +1,101 @@
+"""Eval scoring (log-likelihood vs transformers, bootstrap CI), report table/plot, config
+schema errors."""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from stt_jax import config as config_lib
+from stt_jax import report, scoring
+from stt_jax.models import load_hf
+from stt_jax.tasks import get_task
+from tests import hf_tiny
+
+
+def test_loglik_matches_transformers(tmp_path):
+  folder = hf_tiny.make_tiny("qwen2", str(tmp_path / "m"))
+  tok = hf_tiny.byte_tokenizer()
+  model, _ = load_hf(folder)
+  prompts = ["Premise: a\nHypothesis: b\nLabel:", "xyz", "Premise: longer text here\nLabel:"]
+  conts = [" entailment", " neutral", " contradiction"]
+  got = scoring.loglik_fn(model, tok, batch_size=2)(prompts, conts)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+  for p, c, g in zip(prompts, conts, got):
+    pi, ci = tok.encode(p), tok.encode(c, add_special_tokens=False)
+    with torch.no_grad():
+      logp = torch.log_softmax(hf(torch.tensor([pi + ci])).logits[0, :-1], -1)
+    ref = sum(float(logp[len(pi) - 1 + j, t]) for j, t in enumerate(ci))
+    assert abs(g - ref) < 1e-3, (g, ref)
+
+
+def test_score_split_xnli_loglik_and_generate(tmp_path):
+  folder = hf_tiny.make_tiny("llama_gqa", str(tmp_path / "m"))
+  tok = hf_tiny.byte_tokenizer()
+  model, _ = load_hf(folder)
+  task = get_task("xnli")
+  rows = task.load("test", "de", limit=6)
+  res = scoring.score_split(model, tok, task, rows, "de", method="loglik", batch_size=4)
+  acc, lo, hi = res["metrics"]["accuracy"]
+  assert res["n"] == 6 and 0 <= lo <= acc <= hi <= 1
+  gen = scoring.score_split(model, tok, task, rows[:2], "de", method="generate",
+                            max_new_tokens=4, batch_size=2)
+  assert len(gen["predictions"]) == 2
+  with pytest.raises(ValueError, match="needs a task with label words"):
+    scoring.score_split(model, tok, get_task("mgsm"), [], "de", method="loglik")
+
+
+def test_bootstrap_ci():
+  lo, hi = scoring.bootstrap_ci([1.0] * 30 + [0.0] * 70)
+  assert lo < 0.3 < hi and hi - lo < 0.25
+  assert scoring.bootstrap_ci([1.0, 1.0]) == (1.0, 1.0)
+
+
+def _row(variant, lang, value, step=10, model="m", params=1e6, task="mgsm"):
+  return {"variant": variant, "step": step, "task": task, "lang": lang, "metric": "accuracy",
+          "value": value, "ci_low": value - 0.05, "ci_high": value + 0.05, "n": 100,
+          "model": model, "params": params, "seconds": 1.0}
+
+
+def test_report_table_deltas_and_plot(tmp_path):
+  rows = [_row("zero_shot", "zh", 0.20), _row("self_translate", "zh", 0.26),
+          _row("self_translate", "zh", 0.10, step=5), _row("base", "zh", 0.05, step=0),
+          _row("zero_shot", "en", 0.40), _row("self_translate", "en", 0.41),
+          _row("zero_shot", "zh", 0.30, model="big", params=7e9),
+          _row("self_translate", "zh", 0.45, model="big", params=7e9)]
+  os.makedirs(tmp_path / "eval")
+  with open(tmp_path / "eval" / "metrics.jsonl", "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+    f.write('{"torn": ')  # An interrupted writer's last line is skipped.
+  md = report.write_report([str(tmp_path)])
+  assert "| self_translate | 26.0 [21.0, 31.0] (+6.0) | 41.0 [36.0, 46.0] (+1.0) |" in md
+  assert "| zero_shot | 20.0 [15.0, 25.0] | 40.0 [35.0, 45.0] |" in md
+  assert "| base | 5.0 [0.0, 10.0] (-15.0) | — |" in md
+  assert (tmp_path / "report.png").stat().st_size > 1000
+  lines = (tmp_path / "report.csv").read_text().splitlines()
+  assert lines[0].startswith("model,task,metric,variant") and len(lines) == 1 + 7
+
+
+def test_config_validation_names_nearest_key():
+  schema = ml_collections.ConfigDict({"train": {"lr": 1e-4, "steps": 10, "method": "lora"},
+                                      "stages": ["translate"], "opt": None})
+  good = ml_collections.ConfigDict({"train": {"lr": 3e-4, "steps": 5, "method": "full"},
+                                    "stages": ["train"], "opt": 3})
+  config_lib.validate(good, schema, {"train.method": ("full", "lora")})
+  bad = ml_collections.ConfigDict(good.to_dict())
+  bad.train.lrr = 1.0
+  with pytest.raises(config_lib.ConfigKeyError, match=r"unknown key 'train.lrr'; did you mean "
+                     r"'train.lr'\?"):
+    config_lib.validate(bad, schema)
+  wrong = ml_collections.ConfigDict({**good.to_dict(), "train": {**good.train.to_dict(),
+                                                                   "steps": "ten"}})
+  with pytest.raises(config_lib.ConfigKeyError, match="'train.steps' must be a number"):
+    config_lib.validate(wrong, schema)
+  with pytest.raises(config_lib.ConfigKeyError, match=r"'stages' = 'trian' is not one of"):
+    config_lib.validate(ml_collections.ConfigDict({**good.to_dict(), "stages": ["trian"]}),
+                        schema, {"stages": ("translate", "train")})
