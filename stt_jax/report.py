@@ -130,7 +130,7 @@ def plot(rows: Sequence[dict], path: str) -> str | None:
         ys.append(r["value"])
         errs[0].append(max(r["value"] - r["ci_low"], 0))
         errs[1].append(max(r["ci_high"] - r["value"], 0))
-      ax.bar(xs, ys, width, yerr=errs, capsize=3, label=v)
+      ax.bar(xs, ys, width, yerr=errs, capsize=3, label=v, color=_color(v))
     ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(langs))], langs)
     ax.set_title(f"{task}{f' ({model})' if model else ''}")
     ax.set_ylabel(metric)
@@ -147,7 +147,7 @@ def plot(rows: Sequence[dict], path: str) -> str | None:
         if vals:
           pts.append((_params(rows, m), sum(vals) / len(vals)))
       if pts:
-        ax.plot([p for p, _ in pts], [y for _, y in pts], marker="o", label=v)
+        ax.plot([p for p, _ in pts], [y for _, y in pts], marker="o", label=v, color=_color(v))
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel(f"{task} {metric} (mean over target languages)")
@@ -156,6 +156,12 @@ def plot(rows: Sequence[dict], path: str) -> str | None:
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+def _color(variant: str) -> str:
+  """The same colour for a variant in every panel."""
+  order = list(VARIANT_ORDER)
+  return f"C{order.index(variant) if variant in order else len(order) + hash(variant) % 5}"
 
 
 def _params(rows, model) -> float:
