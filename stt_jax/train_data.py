@@ -1,0 +1,273 @@
+"""Training data: mixture of sources -> tokens with a target-only loss mask -> packed batches.
+
+Every example is `prompt + target + EOS`, tokenized once (prompt = task.format_prompt(row),
+target = task.format_target(row)); the loss covers only the target and EOS tokens. Each epoch
+is a seeded function of (seed, epoch): which rows of each source it uses (mixture weights),
+their order, and how they are packed into `seq_len` rows (segment ids keep packed examples
+apart; positions restart at 0 in each). So the iterator's whole state is (seed, epoch,
+position): saved in a checkpoint, it resumes on exactly the next batch, and every process of a
+multi-host run computes the same plan and materialises only its own rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+# Data sources, in the order their weights appear in the config (train.mixture.<source>).
+SOURCES = ("en", "translated", "code_switched")
+# The sources each experiment variant trains on (PAPER.md): zero-shot transfer uses English
+# only; Self-Translate-Train adds the self-translated rows, optionally code-switched ones too.
+VARIANTS = {
+    "zero_shot": ("en",),
+    "self_translate": ("en", "translated"),
+    "self_translate_cs": ("en", "translated", "code_switched"),
+}
+
+
+class DataError(ValueError):
+  """Training data that cannot be used (missing source, empty after filtering, bad file)."""
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Rows of a jsonl file written by the translation stage (task schema plus `lang`)."""
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: broken JSON ({e.msg}); fix or delete the line, or "
+                        "rerun the translate stage") from None
+      if not isinstance(row, dict):
+        raise DataError(f"{path}:{lineno}: not a JSON object")
+      rows.append(row)
+  return rows
+
+
+def rows_for_variant(variant: str, rows_by_source: Mapping[str, Sequence[dict]]
+                     ) -> dict[str, Sequence[dict]]:
+  """The sources a variant trains on; a missing or empty one is an error, not a silent skip."""
+  if variant not in VARIANTS:
+    raise DataError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+  missing = [s for s in VARIANTS[variant] if not rows_by_source.get(s)]
+  if missing:
+    raise DataError(f"variant {variant!r} needs rows for {', '.join(missing)}; run the "
+                    "translate stage first (or pick variant 'zero_shot')")
+  return {s: rows_by_source[s] for s in VARIANTS[variant]}
+
+
+# ------------------------------------------------------------------------------ tokenize
+
+
+@dataclasses.dataclass
+class Examples:
+  """Tokenized examples of all sources, concatenated.
+
+  tokens[i]: prompt + target + EOS ids; prompt_len[i]: how many of them are prompt;
+  source[i]: index into `sources`. Examples longer than seq_len + 1 tokens were truncated
+  (target end lost); those whose prompt alone filled seq_len were dropped.
+  """
+
+  tokens: list[np.ndarray]
+  prompt_len: np.ndarray
+  source: np.ndarray
+  sources: tuple[str, ...]
+  truncated: int = 0
+  dropped: int = 0
+
+  def indices(self, source: str) -> np.ndarray:
+    return np.flatnonzero(self.source == self.sources.index(source))
+
+
+def _encode(tokenizer, texts: Sequence[str], special: bool) -> list[list[int]]:
+  return list(tokenizer(list(texts), add_special_tokens=special)["input_ids"])
+
+
+def tokenize(task, rows_by_source: Mapping[str, Sequence[dict]], tokenizer,
+             seq_len: int) -> Examples:
+  """Tokenizes every row of every source (HF tokenizer call API: `tokenizer(texts,
+  add_special_tokens=...)["input_ids"]`). The prompt gets the tokenizer's special prefix
+  (BOS), the target none, and EOS is appended so the model learns to stop."""
+  unknown = set(rows_by_source) - set(SOURCES)
+  if unknown:
+    raise DataError(f"unknown data source(s) {sorted(unknown)}; sources are {SOURCES}")
+  eos = getattr(tokenizer, "eos_token_id", None)
+  if eos is None:
+    raise DataError("the tokenizer has no eos_token_id; set one (EOS ends every target)")
+  sources = tuple(s for s in SOURCES if rows_by_source.get(s))
+  tokens, prompt_len, source = [], [], []
+  truncated = dropped = 0
+  for k, name in enumerate(sources):
+    rows = rows_by_source[name]
+    prompts = _encode(tokenizer, [task.format_prompt(r) for r in rows], True)
+    targets = _encode(tokenizer, [task.format_target(r) for r in rows], False)
+    for p, t in zip(prompts, targets):
+      ids = list(p) + list(t) + [eos]
+      if len(p) >= seq_len:
+        dropped += 1
+        continue
+      if len(ids) > seq_len + 1:
+        truncated += 1
+        ids = ids[:seq_len + 1]
+      tokens.append(np.asarray(ids, np.int32))
+      prompt_len.append(len(p))
+      source.append(k)
+  if truncated or dropped:
+    logging.warning("train data: %d example(s) truncated to seq_len=%d, %d dropped (prompt "
+                    "alone too long); raise train.seq_len to keep them", truncated, seq_len,
+                    dropped)
+  if not tokens:
+    raise DataError("no training examples left after tokenization")
+  return Examples(tokens, np.asarray(prompt_len, np.int32), np.asarray(source, np.int32),
+                  sources, truncated, dropped)
+
+
+# ------------------------------------------------------------------------------ epochs
+
+
+def _rng(*keys: int) -> np.random.Generator:
+  return np.random.default_rng([int(k) for k in keys])
+
+
+def epoch_order(examples: Examples, weights: Mapping[str, float], seed: int,
+                epoch: int) -> np.ndarray:
+  """Example indices of one epoch, shuffled.
+
+  A source of n rows with weight w contributes round(w * n) rows per epoch, read from an
+  endless sequence of seeded permutations of that source: w = 1 uses every row once (the
+  paper's plain union), w = 0.5 a different half each epoch, w = 2 every row twice.
+  """
+  picks = []
+  for k, name in enumerate(examples.sources):
+    idx = examples.indices(name)
+    n = len(idx)
+    count = int(round(float(weights.get(name, 1.0)) * n))
+    if count <= 0:
+      continue
+    start, stop = epoch * count, (epoch + 1) * count
+    chunks = []
+    for perm in range(start // n, (stop - 1) // n + 1):
+      order = _rng(seed, 1, k, perm).permutation(n)
+      lo, hi = max(start - perm * n, 0), min(stop - perm * n, n)
+      chunks.append(idx[order[lo:hi]])
+    picks.append(np.concatenate(chunks))
+  if not picks:
+    raise DataError("every data source has mixture weight 0")
+  order = np.concatenate(picks)
+  return order[_rng(seed, 2, epoch).permutation(len(order))]
+
+
+def pack(lengths: np.ndarray, order: np.ndarray, seq_len: int, packing: bool
+         ) -> list[list[int]]:
+  """Rows of example indices. Packing fills rows greedily in order (an example that does not
+  fit starts the next row); without packing each row holds one example."""
+  if not packing:
+    return [[int(i)] for i in order]
+  rows, row, used = [], [], 0
+  for i in order:
+    n = int(lengths[i])
+    if row and used + n > seq_len:
+      rows.append(row)
+      row, used = [], 0
+    row.append(int(i))
+    used += n
+  if row:
+    rows.append(row)
+  return rows
+
+
+@dataclasses.dataclass
+class Batch:
+  """Host arrays [rows, seq_len]: inputs, next-token targets, loss mask (1 on target tokens),
+  segment ids (1, 2, ... per packed example, 0 = padding) and positions (restart per segment)."""
+
+  inputs: np.ndarray
+  targets: np.ndarray
+  loss_mask: np.ndarray
+  segment_ids: np.ndarray
+  positions: np.ndarray
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    return dataclasses.asdict(self)
+
+
+class BatchIterator:
+  """Deterministic, resumable batches over epochs; state = {seed, epoch, position}.
+
+  Each batch has `batch_size` rows of `seq_len` tokens (the epoch's last batch is filled with
+  empty rows, whose loss mask is 0). `next(rows)` materialises only the given row indices of
+  the global batch, which is how each host builds just its slice.
+  """
+
+  def __init__(self, examples: Examples, *, batch_size: int, seq_len: int, packing: bool,
+               weights: Mapping[str, float], seed: int, state: Mapping[str, int] | None = None):
+    self.examples = examples
+    self.batch_size = batch_size
+    self.seq_len = seq_len
+    self.packing = packing
+    self.weights = dict(weights)
+    self.seed = int(seed)
+    self.epoch, self.position = 0, 0
+    self._lengths = np.asarray([len(t) - 1 for t in examples.tokens], np.int64)
+    self._plan: tuple[int, list[list[int]]] | None = None
+    if state is not None:
+      self.restore(state)
+
+  @property
+  def state(self) -> dict[str, int]:
+    return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+  def restore(self, state: Mapping[str, int]) -> None:
+    if int(state["seed"]) != self.seed:
+      raise DataError(f"data iterator state has seed {state['seed']} but train.seed is "
+                      f"{self.seed}; resume with the seed the run started with")
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+  def rows(self, epoch: int) -> list[list[int]]:
+    """The packed rows of an epoch (cached for the current one)."""
+    if self._plan is None or self._plan[0] != epoch:
+      order = epoch_order(self.examples, self.weights, self.seed, epoch)
+      self._plan = (epoch, pack(self._lengths, order, self.seq_len, self.packing))
+    return self._plan[1]
+
+  def batches_in_epoch(self, epoch: int) -> int:
+    return math.ceil(len(self.rows(epoch)) / self.batch_size)
+
+  def next(self, rows: Sequence[int] | None = None) -> Batch:
+    """The next batch (or the given rows of it); advances the state."""
+    plan = self.rows(self.epoch)
+    first = self.position * self.batch_size
+    picked = range(self.batch_size) if rows is None else rows
+    batch = self._build([plan[first + r] if first + r < len(plan) else [] for r in picked])
+    self.position += 1
+    if self.position >= self.batches_in_epoch(self.epoch):
+      self.epoch, self.position = self.epoch + 1, 0
+    return batch
+
+  def _build(self, rows: Sequence[Sequence[int]]) -> Batch:
+    shape = (len(rows), self.seq_len)
+    out = Batch(*(np.zeros(shape, np.int32) for _ in range(5)))
+    for r, row in enumerate(rows):
+      at = 0
+      for seg, i in enumerate(row, 1):
+        ids = self.examples.tokens[i]
+        n = len(ids) - 1
+        sl = slice(at, at + n)
+        out.inputs[r, sl] = ids[:-1]
+        out.targets[r, sl] = ids[1:]
+        # Position j predicts token j + 1: a target token when j + 1 >= prompt_len.
+        out.loss_mask[r, sl] = np.arange(1, n + 1) >= self.examples.prompt_len[i]
+        out.segment_ids[r, sl] = seg
+        out.positions[r, sl] = np.arange(n)
+        at += n
+    return out
