@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from stt_jax import sharding
-from stt_jax.models import safetensors_io
+from stt_jax.models import lora, safetensors_io
 from stt_jax.models.config import ConfigError, ModelConfig
 from stt_jax.models.decoder import CausalLM
 
@@ -250,9 +250,7 @@ def save_hf(model: CausalLM, config: ModelConfig, out_dir: str | os.PathLike,
   process 0 writes.
   """
   out_dir = os.fspath(out_dir)
-  merge = getattr(model, "merged_for_export", None)  # LoRA models provide a merged copy.
-  if callable(merge):
-    model = merge()
+  model = lora.merged_for_export(model)  # Adapters folded into a plain copy; else as is.
   tensors = list(hf_tensors(model, dtype))
   writer = jax.process_index() == 0
   if writer:
