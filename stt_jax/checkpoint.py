@@ -1,0 +1,122 @@
+"""Orbax checkpoints of a train state: async save every N steps, keep N, restore onto any mesh.
+
+A checkpoint `<dir>/<step>/` holds two items: `state` (a pytree of arrays: step, trainable
+params, optimizer state, rng) and `meta` (JSON: data-iterator position, anything small).
+Orbax writes each step into a temporary folder and renames it when complete, so a process
+killed mid-save leaves no `<step>/` folder, only a tmp one that is ignored (and removed on the
+next save). Restoring takes an abstract target (`jax.ShapeDtypeStruct`s with the *new*
+shardings), so a state saved on one mesh loads onto another. A step that fails to restore
+(truncated or corrupt files) is moved aside to `<dir>.corrupt/` with a warning and the
+previous one is tried.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+
+class Checkpoints:
+  """A thin wrapper of `ocp.CheckpointManager` with the save/restore policy of training."""
+
+  def __init__(self, directory: str | os.PathLike, *, every: int, keep: int,
+               async_save: bool = True):
+    if every <= 0:
+      raise ValueError(f"checkpoint.every must be positive, got {every}")
+    self.directory = os.path.abspath(os.fspath(directory))
+    self.every = int(every)
+    self._tmp_dirs = [d for d in _listdir(self.directory) if ".orbax-checkpoint-tmp" in d]
+    if self._tmp_dirs:
+      logging.warning("checkpoints: ignoring unfinished save(s) %s in %s (a run stopped while "
+                      "saving); they are removed on the next save", self._tmp_dirs,
+                      self.directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep if keep > 0 else None, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._last_saved: int | None = None
+
+  # --------------------------------------------------------------------------- save
+
+  def should_save(self, step: int) -> bool:
+    return step > 0 and step % self.every == 0
+
+  def save(self, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False) -> bool:
+    """Saves (asynchronously when configured) if `step` is due or `force`; returns whether a
+    save started. Arrays are copied off device before this returns, so the caller may donate
+    `state` to the next step."""
+    if not (force or self.should_save(step)) or step == self._last_saved or step in self.steps():
+      return False
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
+    self._last_saved = step
+    return True
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every host at the same step once JAX's preemption service saw a SIGTERM
+    (multi-host TPU runs); always False in a single process."""
+    return jax.process_count() > 1 and self._manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    """Blocks until pending async saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  # --------------------------------------------------------------------------- restore
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def restore(self, abstract_state: Any, step: int | None = None
+              ) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, meta) of `step`, or of the newest readable checkpoint when None; None if
+    there is none. `abstract_state` gives shapes, dtypes and target shardings."""
+    candidates = [step] if step is not None else self.steps()[::-1]
+    for s in candidates:
+      try:
+        out = self._manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        if step is not None:
+          raise
+        logging.warning("checkpoints: step %d in %s cannot be restored (%s: %s); moving it to "
+                        "%s.corrupt/ and trying the previous one", s, self.directory,
+                        type(e).__name__, str(e)[:300], self.directory)
+        self._quarantine(s)
+        continue
+      return s, out.state, dict(out.meta)
+    return None
+
+  def _quarantine(self, step: int) -> None:
+    """Moves an unreadable step out of the way so a later save of that step can succeed."""
+    if jax.process_index() == 0:
+      dest = os.path.join(self.directory + ".corrupt", f"{step}-{int(time.time())}")
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint_quarantine_{step}")
+    self._manager.reload()
+
+
+def _listdir(path: str) -> list[str]:
+  return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` (arrays or ShapeDtypeStructs) with the given shardings."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)

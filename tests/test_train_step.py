@@ -1,0 +1,158 @@
+"""The train step: parity with transformers+torch, sharded == unsharded, accumulation, overfit,
+config errors and the MFU formula."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from stt_jax import sharding, train, train_data
+from stt_jax.models import hf_io, load_hf
+from stt_jax.models.config import ModelConfig
+from stt_jax.tasks import get_task
+from tests import hf_tiny
+from tests.test_train_helpers import ByteTokenizer, math_rows, read_metrics, small_config
+
+TASK = get_task("mgsm")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  return hf_tiny.tmp_model(tmp_path_factory, "llama_gqa")
+
+
+def _batch(rows=8, seq_len=64, packing=False, seed=0):
+  examples = train_data.tokenize(TASK, {"en": math_rows(rows, seed=seed)}, ByteTokenizer(),
+                                 seq_len)
+  return train_data.BatchIterator(examples, batch_size=rows, seq_len=seq_len, packing=packing,
+                                  weights={}, seed=seed).next()
+
+
+def _torch_loss_and_grads(folder, batch):
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      folder, dtype=torch.float32, attn_implementation="eager")
+  seg = torch.as_tensor(batch.segment_ids)
+  logits = model(input_ids=torch.as_tensor(batch.inputs, dtype=torch.long),
+                 attention_mask=(seg > 0).long(),
+                 position_ids=torch.as_tensor(batch.positions, dtype=torch.long)).logits
+  nll = torch.nn.functional.cross_entropy(
+      logits.transpose(1, 2), torch.as_tensor(batch.targets, dtype=torch.long), reduction="none")
+  mask = torch.as_tensor(batch.loss_mask, dtype=torch.float32)
+  loss = (nll * mask).sum() / mask.sum()
+  loss.backward()
+  return loss.item(), {n: p.grad.numpy() for n, p in model.named_parameters()}
+
+
+def _our_loss_and_grads(folder, batch, accum):
+  model, _ = load_hf(folder)
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  arrays = {k: jnp.asarray(v.reshape(accum, -1, v.shape[-1]))
+            for k, v in batch.arrays().items()}
+  fn = jax.jit(functools.partial(train.loss_and_grads, graphdef=graphdef))
+  loss, _, grads = fn(nnx.to_pure_dict(params), nnx.to_pure_dict(frozen), arrays,
+                      jnp.zeros((2,), jnp.uint32))
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  return float(loss), {".".join(str(k.key) for k in path): np.asarray(v) for path, v in flat}
+
+
+def test_loss_and_grads_match_torch(folder):
+  batch = _batch()
+  ref_loss, ref_grads = _torch_loss_and_grads(folder, batch)
+  worst = 0.0
+  for accum in (1, 2):  # Accumulating two micro-batches is the same as one batch.
+    loss, grads = _our_loss_and_grads(folder, batch, accum)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
+    assert len(grads) == len(ref_grads)
+    for name, g in grads.items():
+      hf_name, transpose = hf_io.our_to_hf_name(name)
+      want = ref_grads[hf_name].T if transpose else ref_grads[hf_name]
+      rel = np.linalg.norm(g - want) / max(np.linalg.norm(want), 1e-12)
+      worst = max(worst, rel)
+      assert rel < 1e-4, (name, rel)
+  print(f"torch parity: loss {ref_loss:.6f}, worst relative gradient error {worst:.2e}")
+
+
+def test_sharded_step_equals_unsharded(folder):
+  config = small_config(grad_accum=2)
+  batch = _batch()
+  results = []
+  for shape, n in (({"fsdp": 1}, 1), ({"data": 2, "fsdp": 2, "tensor": 2}, 8)):
+    mesh = sharding.make_mesh(shape, jax.devices()[:n])
+    trainer = train.Trainer(train._prepare_model(folder, config.train, mesh), config.train,
+                            mesh, total_steps=8)
+    state = trainer.init_state()
+    losses = []
+    for _ in range(2):
+      state, metrics = trainer.step(state, trainer.device_batch(batch))
+      losses.append(float(metrics["loss"]))
+    results.append((losses, jax.device_get(state["params"]), state))
+  (l1, p1, _), (l8, p8, s8) = results
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  # Adam's normalised update turns ulp-level gradient differences on near-zero gradients into
+  # visible ones, so parameters are compared to 1% of the learning rate.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.01 * config.train.lr,
+                                                       rtol=0), p8, p1)
+  # Parameters and their Adam moments are really split over fsdp x tensor.
+  q = s8["params"]["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+  mu = s8["opt_state"][1][0].mu["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert mu.sharding == q.sharding
+  assert q.addressable_shards[0].data.size * 4 == q.size
+
+
+def test_tiny_model_overfits(folder, tmp_path):
+  config = small_config(steps=40, lr=1e-2, min_lr_ratio=1.0, batch_size=4, packing=False,
+                        log_every=1)
+  config.checkpoint.every = 1000
+  mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
+  result = train.train(folder, ByteTokenizer(), TASK, {"en": math_rows(4)}, config,
+                       tmp_path, mesh)
+  rows = read_metrics(tmp_path / "train" / "metrics.jsonl")
+  assert [r["step"] for r in rows] == list(range(1, 41))
+  first, last = rows[0]["loss"], rows[-1]["loss"]
+  assert last < 0.1 * first, (first, last)
+  assert result.step == 40 and not result.preempted
+  assert rows[5]["tokens_per_s"] > 0 and rows[5]["mfu"] is None  # CPU: peak unknown.
+
+
+def test_config_errors():
+  config = train.default_train_config()
+  with pytest.raises(AttributeError, match="lr"):
+    config.train.learning_rate = 1.0  # Locked: a new key is refused.
+  with pytest.raises(ValueError, match=r"unknown key train.lr_warmup; did you mean "
+                     r"train.warmup_steps\?"):
+    train.validate({"train": {"lr_warmup": 10}})
+  with pytest.raises(ValueError, match=r"unknown key train.lora.rnak; did you mean "
+                     r"train.lora.rank\?"):
+    train.validate({"train": {"lora": {"rnak": 8}}})
+  with pytest.raises(ValueError, match="train.method"):
+    train.validate({"train": {"method": "qlora"}})
+  with pytest.raises(ValueError, match="train.lr"):
+    train.validate({"train": {"lr": "fast"}})
+  with pytest.raises(ValueError, match="unknown projection"):
+    train.validate({"train": {"lora": {"targets": "q_proj,qkv"}}})
+  with pytest.raises(ValueError, match="multiple of train.grad_accum"):
+    train.validate({"train": {"batch_size": 6, "grad_accum": 4}})
+  ok = train.validate({"train": {"lr": 1, "steps": 5}, "checkpoint": {"every": 7},
+                       "model": {"path": "ignored"}})
+  assert ok.train.lr == 1.0 and ok.checkpoint.every == 7 and ok.train.method == "lora"
+
+
+def test_mfu_formula_and_peak_table():
+  cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=1000, hidden_size=64,
+                    intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16)
+  n = cfg.num_params() - 1000 * 64
+  attn = 4 * 2 * 64 * 128
+  assert train.flops_per_token(cfg, 128, "full") == 6 * n + 3 * attn
+  assert train.flops_per_token(cfg, 128, "lora") == 4 * n + 2 * attn
+  assert train.peak_flops("TPU v5 lite") == 197e12
+  assert train.peak_flops("TPU v5p") == 459e12
+  assert train.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert train.peak_flops("cpu") is None
+  assert train.peak_flops("cpu", configured=1e12) == 1e12
