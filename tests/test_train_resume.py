@@ -1,0 +1,108 @@
+"""Kill -9 mid-run, resume, SIGTERM, resume again: the loss sequence equals an uninterrupted run
+bit for bit (LoRA with dropout, so the rng and the data position must resume too).
+
+Each run is a real subprocess (`python -m tests.test_train_resume MODEL WORKDIR`) on a
+2-device mesh; the runs share a persistent compilation cache so only the first compiles.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_train_helpers import read_metrics
+
+STEPS = 14
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _child(model: str, workdir: str) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from stt_jax import sharding, train, train_data  # pylint: disable=g-import-not-at-top
+  from tests.test_train_helpers import ByteTokenizer, math_rows, small_config  # pylint: disable=g-import-not-at-top
+
+  # Slow each step down a little so the parent can interrupt the run at a known point.
+  next_batch = train_data.BatchIterator.next
+
+  def slow_next(self, rows=None):
+    time.sleep(0.25)
+    return next_batch(self, rows)
+
+  train_data.BatchIterator.next = slow_next
+  config = small_config(method="lora", steps=STEPS, **{"lora.rank": 4, "lora.dropout": 0.1})
+  config.checkpoint.every = 2
+  mesh = sharding.make_mesh({"fsdp": 2}, jax.devices()[:2])
+  rows = {"en": math_rows(40), "translated": math_rows(30, "de", seed=1)}
+  result = train.train(model, ByteTokenizer(), "mgsm", rows, config, workdir, mesh)
+  print(f"RESULT {result.step} {result.preempted}", flush=True)
+
+
+def _start(model, workdir, cache):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return subprocess.Popen([sys.executable, "-m", "tests.test_train_resume", str(model),
+                           str(workdir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(proc, metrics, step, timeout=120):
+  """Waits until a metrics row for `step` (or later) is appended after the current rows."""
+  before = len(read_metrics(metrics)) if os.path.exists(metrics) else 0
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.exists(metrics):
+      rows = read_metrics(metrics)[before:]
+      if rows and rows[-1]["step"] >= step:
+        return rows[-1]["step"]
+    if proc.poll() is not None:
+      pytest.fail(f"run ended early:\n{proc.stdout.read()[-3000:]}")
+    time.sleep(0.02)
+  proc.kill()
+  pytest.fail(f"no step {step} within {timeout}s")
+
+
+def _finish(proc, timeout=180):
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-3000:]
+  return [line for line in out.splitlines() if line.startswith("RESULT")][-1].split()[1:]
+
+
+def test_kill_sigterm_resume_reproduces_uninterrupted_run(tmp_path_factory):
+  from tests import hf_tiny  # pylint: disable=g-import-not-at-top
+  model = hf_tiny.tmp_model(tmp_path_factory, "llama_gqa")
+  tmp = tmp_path_factory.mktemp("resume")
+  cache = tmp / "jax_cache"
+  ref_dir, run_dir = tmp / "reference", tmp / "interrupted"
+  metrics = str(run_dir / "train" / "metrics.jsonl")
+
+  assert _finish(_start(model, ref_dir, cache)) == [str(STEPS), "False"]
+  reference = {r["step"]: r for r in read_metrics(ref_dir / "train" / "metrics.jsonl")}
+  assert sorted(reference) == list(range(1, STEPS + 1))
+
+  proc = _start(model, run_dir, cache)  # 1. SIGKILL (maybe in the middle of a save).
+  _wait_for_step(proc, metrics, 5)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+  proc = _start(model, run_dir, cache)  # 2. Resume, then SIGTERM: save and exit cleanly.
+  at = _wait_for_step(proc, metrics, 9)
+  proc.send_signal(signal.SIGTERM)
+  step, preempted = _finish(proc)
+  assert preempted == "True" and at <= int(step) < STEPS
+  assert os.path.isdir(run_dir / "checkpoints" / step), os.listdir(run_dir / "checkpoints")
+
+  assert _finish(_start(model, run_dir, cache)) == [str(STEPS), "False"]  # 3. To the end.
+  rows = read_metrics(metrics)
+  assert {r["step"] for r in rows} == set(reference)
+  assert len(rows) > STEPS, "some steps ran twice (after the kill)"
+  for r in rows:
+    want = reference[r["step"]]
+    assert (r["loss"], r["grad_norm"], r["lr"]) == (want["loss"], want["grad_norm"], want["lr"]), r
+
+
+if __name__ == "__main__":
+  _child(*sys.argv[1:3])
