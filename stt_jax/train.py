@@ -308,9 +308,16 @@ class Trainer:
         out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
     self.frozen = jax.device_put(self.frozen, self.frozen_sharding)
 
-  def init_state(self) -> dict:
-    """Step 0: the model's trainable values, fresh optimizer state, the seed's rng."""
-    params = jax.device_put(self._params, self.state_sharding["params"])
+  def init_state(self, restored: Any = None) -> dict:
+    """`restored` (a state from a checkpoint) if given, else step 0: the model's trainable
+    values, fresh optimizer state and the seed's rng. Either way the trainer then drops its
+    reference to the model's initial values, so they are not held next to the state."""
+    params, self._params = self._params, None
+    if restored is not None:
+      return restored
+    if params is None:
+      raise RuntimeError("init_state() may be called once per Trainer")
+    params = jax.device_put(params, self.state_sharding["params"])
     opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding["opt_state"])(params)
     rng = jax.random.key_data(jax.random.key(self.seed)).astype(jnp.uint32)
     put = lambda x: jax.device_put(x, NamedSharding(self.mesh, P()))
@@ -477,7 +484,9 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
 
   model = _prepare_model(model, t, mesh)
   model.train()
+  model_config = getattr(model, "config", None)
   trainer = Trainer(model, t, mesh, total)
+  del model  # The trainer holds what is needed; the initial values go once a state exists.
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every=c.every,
                                  keep=c.keep, async_save=c.async_save)
   restored = ckpts.restore(trainer.abstract_state())
@@ -485,11 +494,11 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
     state, step = trainer.init_state(), 0
   else:
     step, state, meta = restored
+    state = trainer.init_state(state)
     data.restore(meta["data"])
     logging.info("train: resumed from step %d (epoch %d, batch %d)", step, data.epoch,
                  data.position)
 
-  model_config = getattr(model, "config", None)
   fpt = flops_per_token(model_config, t.seq_len, t.method) if model_config else None
   peak = peak_flops(jax.devices()[0].device_kind, t.peak_flops)
   log = _MetricsLog(os.path.join(workdir, "train", "metrics.jsonl"))
@@ -569,6 +578,6 @@ def load_trained(model: str | os.PathLike | nnx.Module, workdir: str | os.PathLi
     ckpts.close()
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {ckpts.directory}; run the train stage first")
-  out = trainer.model(restored[1])
+  out = trainer.model(trainer.init_state(restored[1]))
   out.eval()
   return lora.merged_for_export(out), restored[0]

@@ -105,9 +105,9 @@ def test_sharded_step_equals_unsharded(folder):
   assert q.addressable_shards[0].data.size * 4 == q.size
 
 
-def test_tiny_model_overfits(folder, tmp_path):
+def test_tiny_model_overfits_in_bf16_with_fp32_master_weights(folder, tmp_path):
   config = small_config(steps=40, lr=1e-2, min_lr_ratio=1.0, batch_size=4, packing=False,
-                        log_every=1)
+                        log_every=1, dtype="bfloat16", param_dtype="float32")
   config.checkpoint.every = 1000
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   result = train.train(folder, ByteTokenizer(), TASK, {"en": math_rows(4)}, config,
@@ -117,6 +117,9 @@ def test_tiny_model_overfits(folder, tmp_path):
   first, last = rows[0]["loss"], rows[-1]["loss"]
   assert last < 0.1 * first, (first, last)
   assert result.step == 40 and not result.preempted
+  assert result.model.dtype == jnp.bfloat16
+  assert {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(result.model, nnx.Param))
+          } == {jnp.dtype(jnp.float32)}
   assert rows[5]["tokens_per_s"] > 0 and rows[5]["mfu"] is None  # CPU: peak unknown.
 
 
