@@ -3,8 +3,8 @@
 A checkpoint `<dir>/<step>/` holds two items: `state` (a pytree of arrays: step, trainable
 params, optimizer state, rng) and `meta` (JSON: data-iterator position, anything small).
 Orbax writes each step into a temporary folder and renames it when complete, so a process
-killed mid-save leaves no `<step>/` folder, only a tmp one that is ignored (and removed on the
-next save). Restoring takes an abstract target (`jax.ShapeDtypeStruct`s with the *new*
+killed mid-save leaves no `<step>/` folder, only a tmp one that is ignored (and removed when
+the trainer reopens the folder). Restoring takes an abstract target (`jax.ShapeDtypeStruct`s with the *new*
 shardings), so a state saved on one mesh loads onto another. A step that fails to restore
 (truncated or corrupt files) is moved aside to `<dir>.corrupt/` with a warning and the
 previous one is tried.
@@ -27,20 +27,23 @@ from jax.experimental import multihost_utils
 class Checkpoints:
   """A thin wrapper of `ocp.CheckpointManager` with the save/restore policy of training."""
 
-  def __init__(self, directory: str | os.PathLike, *, every: int, keep: int,
-               async_save: bool = True):
+  def __init__(self, directory: str | os.PathLike, *, every: int = 1, keep: int = 0,
+               async_save: bool = True, read_only: bool = False):
+    """read_only: for readers beside a running trainer (evaluation): never saves, deletes,
+    cleans up or moves anything, so it cannot disturb a save in progress."""
     if every <= 0:
       raise ValueError(f"checkpoint.every must be positive, got {every}")
     self.directory = os.path.abspath(os.fspath(directory))
     self.every = int(every)
-    self._tmp_dirs = [d for d in _listdir(self.directory) if ".orbax-checkpoint-tmp" in d]
-    if self._tmp_dirs:
-      logging.warning("checkpoints: ignoring unfinished save(s) %s in %s (a run stopped while "
-                      "saving); they are removed on the next save", self._tmp_dirs,
-                      self.directory)
+    self.read_only = read_only
+    tmp_dirs = [d for d in _listdir(self.directory) if ".orbax-checkpoint-tmp" in d]
+    if tmp_dirs and not read_only:
+      logging.warning("checkpoints: removing unfinished save(s) %s in %s (a run stopped while "
+                      "saving)", tmp_dirs, self.directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep if keep > 0 else None, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True, create=True)
+        max_to_keep=keep if keep > 0 and not read_only else None,
+        enable_async_checkpointing=async_save and not read_only,
+        cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._last_saved: int | None = None
 
@@ -53,6 +56,8 @@ class Checkpoints:
     """Saves (asynchronously when configured) if `step` is due or `force`; returns whether a
     save started. Arrays are copied off device before this returns, so the caller may donate
     `state` to the next step."""
+    if self.read_only:
+      raise RuntimeError(f"checkpoints in {self.directory} were opened read-only")
     if not (force or self.should_save(step)) or step == self._last_saved or step in self.steps():
       return False
     self._manager.save(step, args=ocp.args.Composite(
@@ -93,10 +98,12 @@ class Checkpoints:
       except Exception as e:  # pylint: disable=broad-exception-caught
         if step is not None:
           raise
-        logging.warning("checkpoints: step %d in %s cannot be restored (%s: %s); moving it to "
-                        "%s.corrupt/ and trying the previous one", s, self.directory,
-                        type(e).__name__, str(e)[:300], self.directory)
-        self._quarantine(s)
+        logging.warning("checkpoints: step %d in %s cannot be restored (%s: %s); %s and trying "
+                        "the previous one", s, self.directory, type(e).__name__, str(e)[:300],
+                        "skipping it" if self.read_only else
+                        f"moving it to {self.directory}.corrupt/")
+        if not self.read_only:
+          self._quarantine(s)
         continue
       return s, out.state, dict(out.meta)
     return None

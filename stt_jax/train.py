@@ -571,7 +571,7 @@ def load_trained(model: str | os.PathLike | nnx.Module, workdir: str | os.PathLi
   m = _prepare_model(model, cfg.train, mesh)
   trainer = Trainer(m, cfg.train, mesh, total_steps=1)
   ckpts = checkpoint.Checkpoints(os.path.join(os.fspath(workdir), "checkpoints"),
-                                 every=cfg.checkpoint.every, keep=0, async_save=False)
+                                 read_only=True)
   try:
     restored = ckpts.restore(trainer.abstract_state(), step)
   finally:

@@ -44,6 +44,11 @@ def test_unfinished_and_corrupt_checkpoints_are_skipped(tmp_path, caplog):
     with open(f, "r+b") as fh:
       fh.truncate(8)
   abstract = jax.eval_shape(lambda: _state(0))
+  # A reader beside a running trainer (evaluation) skips the bad step but changes nothing.
+  reader = checkpoint.Checkpoints(directory, read_only=True)
+  assert reader.restore(abstract)[0] == 2
+  reader.close()
+  assert sorted(os.listdir(directory)) == ["2", "4", "6.orbax-checkpoint-tmp-1234"]
   with caplog.at_level(logging.WARNING):
     ckpts = checkpoint.Checkpoints(directory, every=2, keep=5)
     assert ckpts.steps() == [2, 4]
@@ -55,7 +60,7 @@ def test_unfinished_and_corrupt_checkpoints_are_skipped(tmp_path, caplog):
   assert ckpts.save(4, _state(4), {"n": 4})  # ... so step 4 can be written again.
   ckpts.wait()
   assert ckpts.restore(abstract)[0] == 4
-  assert not any("tmp" in d for d in os.listdir(directory)), "tmp folders cleaned on save"
+  assert not any("tmp" in d for d in os.listdir(directory)), "tmp folders cleaned"
   ckpts.close()
 
 
