@@ -130,8 +130,9 @@ def run_torch(folder: str, args) -> dict:
     start = time.perf_counter()
     loss = step()
     times.append(time.perf_counter() - start)
+  attn = model.config._attn_implementation  # pylint: disable=protected-access
   return {"step_s": sorted(times)[len(times) // 2], "times": times, "loss": loss,
-          "peak_rss_mb": peak_rss_mb(), "attn": model.config._attn_implementation}  # pylint: disable=protected-access
+          "peak_rss_mb": peak_rss_mb(), "attn": attn}
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:

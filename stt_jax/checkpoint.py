@@ -4,9 +4,9 @@ A checkpoint `<dir>/<step>/` holds two items: `state` (a pytree of arrays: step,
 params, optimizer state, rng) and `meta` (JSON: data-iterator position, anything small).
 Orbax writes each step into a temporary folder and renames it when complete, so a process
 killed mid-save leaves no `<step>/` folder, only a tmp one that is ignored (and removed when
-the trainer reopens the folder). Restoring takes an abstract target (`jax.ShapeDtypeStruct`s with the *new*
-shardings), so a state saved on one mesh loads onto another. A step that fails to restore
-(truncated or corrupt files) is moved aside to `<dir>.corrupt/` with a warning and the
+the trainer reopens the folder). Restoring takes an abstract target (ShapeDtypeStructs with
+the *new* shardings), so a state saved on one mesh loads onto another. A step that fails to
+restore (truncated or corrupt files) is moved aside to `<dir>.corrupt/` with a warning and the
 previous one is tried.
 """
 

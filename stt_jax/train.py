@@ -457,6 +457,15 @@ class _MetricsLog:
       with open(self.path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
 
+  def last(self) -> dict:
+    """The newest complete row ({} if none), e.g. for a run that had already finished."""
+    try:
+      with open(self.path, encoding="utf-8") as f:
+        lines = [line for line in f if line.endswith("\n")]
+      return json.loads(lines[-1]) if lines else {}
+    except (OSError, json.JSONDecodeError):
+      return {}
+
 
 def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
           rows_by_source: Mapping[str, Sequence[dict]], config, workdir: str | os.PathLike,
@@ -502,7 +511,7 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
   fpt = flops_per_token(model_config, t.seq_len, t.method) if model_config else None
   peak = peak_flops(jax.devices()[0].device_kind, t.peak_flops)
   log = _MetricsLog(os.path.join(workdir, "train", "metrics.jsonl"))
-  row: dict = {}
+  row = log.last() if step >= total else {}
   window = {"loss": [], "time": 0.0, "tokens": 0}
   bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True,
              disable=jax.process_index() != 0)

@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _child(model: str, workdir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from stt_jax import sharding, train, train_data  # pylint: disable=g-import-not-at-top
-  from tests.test_train_helpers import ByteTokenizer, math_rows, small_config  # pylint: disable=g-import-not-at-top
+  from tests import test_train_helpers as helpers  # pylint: disable=g-import-not-at-top
 
   # Slow each step down a little so the parent can interrupt the run at a known point.
   next_batch = train_data.BatchIterator.next
@@ -32,11 +32,12 @@ def _child(model: str, workdir: str) -> None:
     return next_batch(self, rows)
 
   train_data.BatchIterator.next = slow_next
-  config = small_config(method="lora", steps=STEPS, **{"lora.rank": 4, "lora.dropout": 0.1})
+  config = helpers.small_config(method="lora", steps=STEPS,
+                                **{"lora.rank": 4, "lora.dropout": 0.1})
   config.checkpoint.every = 2
   mesh = sharding.make_mesh({"fsdp": 2}, jax.devices()[:2])
-  rows = {"en": math_rows(40), "translated": math_rows(30, "de", seed=1)}
-  result = train.train(model, ByteTokenizer(), "mgsm", rows, config, workdir, mesh)
+  rows = {"en": helpers.math_rows(40), "translated": helpers.math_rows(30, "de", seed=1)}
+  result = train.train(model, helpers.ByteTokenizer(), "mgsm", rows, config, workdir, mesh)
   print(f"RESULT {result.step} {result.preempted}", flush=True)
 
 

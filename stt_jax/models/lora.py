@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes
 
@@ -113,7 +114,8 @@ def _place_like(layer: LoRALinear, kernel_sharding: jax.sharding.NamedSharding) 
   mesh = kernel_sharding.mesh
   P = jax.sharding.PartitionSpec
   for var, part in ((layer.lora_a, P(spec[0], None)), (layer.lora_b, P(None, spec[1]))):
-    var.set_value(jax.device_put(var.get_value(), jax.sharding.NamedSharding(mesh, part)))
+    sharded = jax.sharding.NamedSharding(mesh, part)
+    var.set_value(jax.device_put(np.asarray(var.get_value()), sharded))
 
 
 def has_lora(model: nnx.Module) -> bool:
