@@ -29,7 +29,7 @@ def flatten(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _nearest(key: str, valid: list[str]) -> str:
+def nearest(key: str, valid: list[str]) -> str:
   near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
   if not near:  # Try the last component alone (e.g. 'lrr' -> 'train.lr').
     leaf = key.rsplit(".", 1)[-1]
@@ -49,7 +49,7 @@ def validate(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
   have, want = flatten(cfg), flatten(schema)
   for key in sorted(have):
     if key not in want:
-      raise ConfigKeyError(f"config: unknown key '{key}'{_nearest(key, sorted(want))}")
+      raise ConfigKeyError(f"config: unknown key '{key}'{nearest(key, sorted(want))}")
   for key, default in want.items():
     if key not in have:
       raise ConfigKeyError(f"config: missing key '{key}' (default {default!r}); "

@@ -1,0 +1,1 @@
+"""Run configs: base.py documents every field; one file per task x language."""

@@ -1,0 +1,93 @@
+"""Every field of a Self-Translate-Train run, with its default, documented once.
+
+Task files (`configs/mgsm_th.py`, ...) start from `get_config()` here and override a few
+fields; any field can be overridden on the command line, e.g. `--config.train.lr=1e-4`.
+Unknown or mistyped keys are an error naming the nearest valid key (stt_jax.config).
+"""
+
+import ml_collections
+
+from stt_jax import train as train_lib
+from stt_jax import translate as translate_lib
+
+VARIANTS = ("zero_shot", "self_translate", "self_translate_cs")
+STAGES = ("translate", "train", "eval", "report")
+# Translate-section keys that the `task` section owns (one source of truth).
+_TASK_OWNED = ("limit", "data_dir", "data_source")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "run"  # Label of the run (report titles).
+  c.seed = 0  # Global seed (train.seed and translation exemplars derive from their own fields).
+  # Stages run in order by `python -m stt_jax.main`; each one resumes where it stopped.
+  c.stages = STAGES
+  # Sequence fields are tuples so the command line can override them:
+  # --config.variants="('zero_shot','self_translate')".
+  # Fine-tuning variants: zero_shot = English only (the baseline, zero-shot cross-lingual
+  # transfer); self_translate = English + self-translated; self_translate_cs = + code-switched.
+  c.variants = VARIANTS
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = ""  # Local Hugging Face folder (config.json + *.safetensors). Required.
+  c.model.name = ""  # Label in reports (default: the folder's name).
+  c.model.dtype = "bfloat16"  # Compute dtype for translation and evaluation (float32 on CPU).
+  c.model.param_dtype = ""  # Storage dtype for translation/evaluation ('' = model.dtype).
+
+  # Device mesh: axis sizes; -1 = all remaining devices. Train: batch over data x fsdp, params
+  # over fsdp (+ tensor). Decode: batch over data (x fsdp), heads over tensor.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "mgsm"  # mgsm | xquad | xnli (aliases gsm8k, squad, mnli).
+  c.task.target_langs = ("de", "ru", "th", "zh")
+  c.task.data_dir = ml_collections.config_dict.placeholder(str)  # Folder in data/'s schema.
+  c.task.data_source = "auto"  # auto (data_dir, bundled data/, HF datasets, TFDS) | local | hf | tfds
+  c.task.train_limit = ml_collections.config_dict.placeholder(int)  # First N English train rows.
+
+  c.translate = translate_lib.default_translate_config()
+  c.translate.unlock()
+  for key in _TASK_OWNED:
+    del c.translate[key]
+
+  tc = train_lib.default_train_config()
+  tc.unlock()
+  c.train = tc.train
+  c.checkpoint = tc.checkpoint
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.langs = ("de", "ru", "th", "zh", "en")  # Test languages (target languages + English).
+  c.eval.limit = ml_collections.config_dict.placeholder(int)  # First N test items per language.
+  c.eval.batch_size = 16
+  c.eval.max_new_tokens = 256  # Generation budget per answer (MGSM rationales are long).
+  c.eval.method = "generate"  # generate | loglik (XNLI: rank the label words).
+  c.eval.base_model = True  # Also score the model before fine-tuning (variant 'base').
+  c.eval.checkpoints = "all"  # all | final: which saved steps of each variant to score.
+  c.eval.poll_seconds = 30.0  # Separate eval loop: how often to look for new checkpoints.
+  c.eval.timeout_hours = 48.0  # Separate eval loop: give up waiting after this long.
+  return c
+
+
+def choices() -> dict:
+  """Enumerated fields and their allowed values (checked by stt_jax.config.validate)."""
+  return {
+      "stages": STAGES, "variants": VARIANTS, "task.name": ("mgsm", "xquad", "xnli"),
+      "train.method": ("full", "lora"), "eval.method": ("generate", "loglik"),
+      "eval.checkpoints": ("all", "final"),
+      "model.dtype": ("float32", "bfloat16", "float16"),
+      "task.data_source": ("auto", "local", "hf", "tfds"),
+  }
+
+
+def translate_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The full translate config the stage expects: the run's section + the task-owned keys."""
+  out = translate_lib.default_translate_config()
+  out.unlock()
+  out.update(cfg.translate.to_dict())
+  out.limit = cfg.task.train_limit
+  out.data_dir = cfg.task.data_dir
+  out.data_source = cfg.task.data_source
+  return out

@@ -1,0 +1,274 @@
+"""The eval loop: scores the base model and every finished checkpoint exactly once.
+
+    python -m stt_jax.evaluate --config=configs/mgsm_th.py --workdir=/path/to/workdir
+
+Runs beside training (on its own host if you like): it watches `workdir/runs/<variant>/
+checkpoints/`, scores each new step on `eval.langs`, appends one row per metric to
+`workdir/eval/metrics.jsonl` and exits once every variant's training has finished
+(`runs/<variant>/train_done.json`) and all its checkpoints are scored. A file lock around
+"check, score, append" keeps two evaluators from scoring the same checkpoint twice.
+Multi-host: each host scores a slice of the test items on its local devices; process 0
+merges the slices and writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from stt_jax import scoring, sharding
+from stt_jax import train as train_lib
+from stt_jax.checkpoint import Checkpoints
+from stt_jax.models import load_hf
+from stt_jax.tasks import get_task
+
+BASE = "base"
+
+
+def run_dir(workdir: str, variant: str) -> str:
+  return os.path.join(workdir, "runs", variant)
+
+
+def done_marker(workdir: str, variant: str) -> str:
+  return os.path.join(run_dir(workdir, variant), "train_done.json")
+
+
+def model_label(cfg) -> str:
+  return cfg.model.name or os.path.basename(os.path.normpath(cfg.model.path))
+
+
+def local_mesh(cfg) -> jax.sharding.Mesh:
+  """This host's devices only: inference runs data parallel across hosts."""
+  devices = jax.local_devices()
+  shape = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+  try:
+    return sharding.make_mesh(shape, devices)
+  except sharding.ShardingError:
+    return sharding.make_mesh({"fsdp": -1}, devices)
+
+
+class MetricsFile:
+  """Append-only eval/metrics.jsonl (fsync'd per checkpoint), and what it already holds."""
+
+  def __init__(self, workdir: str):
+    self.dir = os.path.join(workdir, "eval")
+    self.path = os.path.join(self.dir, "metrics.jsonl")
+    os.makedirs(self.dir, exist_ok=True)
+
+  def scored(self) -> set[tuple[str, int, str, str]]:
+    out = set()
+    if os.path.isfile(self.path):
+      with open(self.path, encoding="utf-8") as f:
+        for line in f:
+          try:
+            r = json.loads(line)
+          except json.JSONDecodeError:
+            continue  # A torn last line of a killed writer: that checkpoint is rescored.
+          out.add((r["variant"], int(r["step"]), r["task"], r["lang"]))
+    return out
+
+  def append(self, rows: Sequence[dict]) -> None:
+    if not rows:
+      return
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with open(self.path, "a+", encoding="utf-8") as f:
+      f.seek(0, os.SEEK_END)
+      if f.tell():  # Never glue a row onto a torn line left by a killed writer.
+        f.seek(f.tell() - 1)
+        if f.read(1) != "\n":
+          f.write("\n")
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+
+  @contextlib.contextmanager
+  def lock(self):
+    with open(os.path.join(self.dir, ".lock"), "a") as f:
+      fcntl.flock(f, fcntl.LOCK_EX)
+      try:
+        yield
+      finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def score_model(model, tokenizer, cfg, variant: str, step: int, workdir: str, mesh,
+                metrics: MetricsFile) -> list[dict]:
+  """Scores one model on every eval language not yet in metrics.jsonl; returns new rows."""
+  task = get_task(cfg.task.name)
+  done = metrics.scored()
+  rows = []
+  for lang in cfg.eval.langs:
+    if (variant, step, task.name, lang) in done:
+      continue
+    test = task.load("test", lang, limit=cfg.eval.limit, data_dir=cfg.task.data_dir,
+                     source=cfg.task.data_source)
+    if not test:
+      raise ValueError(f"eval: no {task.name} test rows for language {lang!r}; check "
+                       "eval.langs and task.data_dir")
+    mine = test[jax.process_index()::jax.process_count()]
+    res = scoring.score_split(model, tokenizer, task, mine, lang, method=cfg.eval.method,
+                              batch_size=cfg.eval.batch_size,
+                              max_new_tokens=cfg.eval.max_new_tokens, mesh=mesh,
+                              desc=f"eval {variant}@{step} {lang}")
+    preds = _gather_predictions(res["predictions"], test, workdir, variant, step, task.name, lang)
+    if jax.process_index() != 0:
+      continue
+    per_example = [task.example_scores(p, r) for p, r in zip(preds, test)]
+    _write_predictions(workdir, variant, step, task.name, lang, test, preds, per_example)
+    for name in task.metric_names:
+      values = [s[name] for s in per_example]
+      lo, hi = scoring.bootstrap_ci(values)
+      rows.append({"variant": variant, "step": step, "task": task.name, "lang": lang,
+                   "metric": name, "value": float(np.mean(values)), "ci_low": lo, "ci_high": hi,
+                   "n": len(test), "seconds": round(res["seconds"], 2),
+                   "model": model_label(cfg), "params": model.config.num_params(),
+                   "method": cfg.eval.method, "time": time.time()})
+    logging.info("eval %s@%d %s %s: %s", variant, step, task.name, lang,
+                 {r["metric"]: round(r["value"], 4) for r in rows[-len(task.metric_names):]})
+  return rows
+
+
+def _gather_predictions(mine: list[str], test, workdir, variant, step, task, lang) -> list[str]:
+  """All hosts' slices in test order (via the shared workdir in multi-host runs)."""
+  count = jax.process_count()
+  if count == 1:
+    return mine
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  part = os.path.join(workdir, "eval", "parts", f"{variant}-{step}-{task}-{lang}")
+  os.makedirs(part, exist_ok=True)
+  with open(os.path.join(part, f"{jax.process_index()}.json"), "w", encoding="utf-8") as f:
+    json.dump(mine, f, ensure_ascii=False)
+  multihost_utils.sync_global_devices(f"eval-{variant}-{step}-{lang}")
+  preds = [""] * len(test)
+  for i in range(count):
+    with open(os.path.join(part, f"{i}.json"), encoding="utf-8") as f:
+      preds[i::count] = json.load(f)
+  return preds
+
+
+def _write_predictions(workdir, variant, step, task, lang, test, preds, per_example) -> None:
+  folder = os.path.join(workdir, "eval", "predictions")
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, f"{variant}-{step}-{task}-{lang}.jsonl")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    for r, p, s in zip(test, preds, per_example):
+      f.write(json.dumps({"id": r["id"], "prediction": p, **s}, ensure_ascii=False) + "\n")
+  os.replace(path + ".tmp", path)
+
+
+def _train_sections(cfg) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({"train": cfg.train.to_dict(),
+                                    "checkpoint": cfg.checkpoint.to_dict()})
+
+
+def _finished_step(workdir: str, variant: str) -> int | None:
+  path = done_marker(workdir, variant)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return int(json.load(f)["step"])
+
+
+def pending(cfg, workdir: str, metrics: MetricsFile) -> list[tuple[str, int]]:
+  """(variant, step) pairs with a finished checkpoint that some eval language still lacks."""
+  task = get_task(cfg.task.name).name
+  scored = metrics.scored()
+  out = []
+  for variant in cfg.variants:
+    ckpt_dir = os.path.join(run_dir(workdir, variant), "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+      continue
+    steps = _finalized_steps(ckpt_dir)
+    if cfg.eval.checkpoints == "final":
+      final = _finished_step(workdir, variant)
+      steps = [s for s in steps if s == final]
+    for step in steps:
+      if any((variant, step, task, lang) not in scored for lang in cfg.eval.langs):
+        out.append((variant, step))
+  return out
+
+
+def _finalized_steps(ckpt_dir: str) -> list[int]:
+  """Steps orbax has finished writing (a tmp folder of an unfinished save has another name)."""
+  return sorted(int(d) for d in os.listdir(ckpt_dir)
+                if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d)))
+
+
+def _agreed(cfg, items: list[tuple[str, int]]) -> list[tuple[str, int]]:
+  """Process 0's list on every host, so all hosts score the same checkpoints in step."""
+  if jax.process_count() == 1:
+    return items
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  variants = [BASE] + list(cfg.variants)
+  arr = np.full((64, 2), -1, np.int64)
+  for k, (v, s) in enumerate(items[:64]):
+    arr[k] = (variants.index(v), s)
+  arr = np.asarray(multihost_utils.broadcast_one_to_all(arr))
+  return [(variants[int(v)], int(s)) for v, s in arr if v >= 0]
+
+
+def run(cfg, workdir: str, tokenizer=None, *, wait: bool = True) -> int:
+  """Scores what is pending; with `wait`, keeps polling until training has finished.
+  Returns the number of (variant, step) checkpoints scored."""
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  workdir = os.path.abspath(workdir)
+  tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model.path)
+  metrics = MetricsFile(workdir)
+  mesh = local_mesh(cfg)
+  dtype = cfg.model.dtype
+  scored = 0
+  if cfg.eval.base_model:
+    with metrics.lock():
+      todo = [(BASE, 0)] if any((BASE, 0, get_task(cfg.task.name).name, lang) not in
+                                metrics.scored() for lang in cfg.eval.langs) else []
+      if _agreed(cfg, todo):
+        model, _ = load_hf(cfg.model.path, mesh=mesh, dtype=dtype,
+                           param_dtype=cfg.model.param_dtype or None)
+        metrics.append(score_model(model, tokenizer, cfg, BASE, 0, workdir, mesh, metrics))
+        scored += 1
+        del model
+  deadline = time.time() + cfg.eval.timeout_hours * 3600
+  while True:
+    for variant, step in _agreed(cfg, pending(cfg, workdir, metrics)):
+      with metrics.lock():
+        if not _agreed(cfg, [(variant, step)] if (variant, step) in
+                       pending(cfg, workdir, metrics) else []):
+          continue  # Another evaluator scored it meanwhile.
+        model, _ = train_lib.load_trained(cfg.model.path, run_dir(workdir, variant),
+                                          _train_sections(cfg), mesh=mesh, step=step)
+        metrics.append(score_model(model, tokenizer, cfg, variant, step, workdir, mesh,
+                                   metrics))
+        scored += 1
+        del model
+    finished = all(_finished_step(workdir, v) is not None for v in cfg.variants)
+    if not wait or (finished and not _agreed(cfg, pending(cfg, workdir, metrics))):
+      return scored
+    if time.time() > deadline:
+      raise TimeoutError(f"eval: training did not finish within eval.timeout_hours="
+                         f"{cfg.eval.timeout_hours}; scored {scored} checkpoint(s)")
+    time.sleep(cfg.eval.poll_seconds)
+
+
+def _main(argv):
+  del argv
+  from stt_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  main_lib.quiet_logs()
+  cfg, workdir = main_lib.setup()
+  n = run(cfg, workdir, wait=True)
+  logging.info("eval: scored %d checkpoint(s); metrics in %s", n,
+               os.path.join(workdir, "eval", "metrics.jsonl"))
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from stt_jax import main as _main_flags  # pylint: disable=g-import-not-at-top
+  app.run(_main_flags.one_line_errors(_main), flags_parser=_main_flags.parse_flags)

@@ -1,0 +1,15 @@
+"""Writes a random tiny Qwen2 + byte-level tokenizer HF folder: `python -m tests.make_tiny_model DIR`."""
+
+import sys
+
+from tests import hf_tiny
+
+
+def main(out_dir: str) -> str:
+  hf_tiny.make_tiny("qwen2", out_dir)
+  hf_tiny.byte_tokenizer(out_dir)
+  return out_dir
+
+
+if __name__ == "__main__":
+  print(main(sys.argv[1]))
