@@ -389,7 +389,7 @@ def peak_flops(device_kind: str, configured: float = 0.0) -> float | None:
 class TrainResult:
   step: int  # Optimizer steps done (the last checkpoint's step).
   metrics: dict  # The last metrics row.
-  model: nnx.Module  # The trained model (LoRA adapters unmerged; save_hf merges them).
+  model: nnx.Module  # Trained, in eval mode (LoRA adapters unmerged; save_hf merges them).
   preempted: bool  # Stopped by SIGTERM/preemption after saving.
   checkpoint_dir: str
 
@@ -557,7 +557,9 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
   finally:
     bar.close()
     ckpts.close()
-  return TrainResult(step=step, metrics=row, model=trainer.model(state), preempted=preempted,
+  trained = trainer.model(state)
+  trained.eval()  # Dropout off for whoever decodes with it.
+  return TrainResult(step=step, metrics=row, model=trained, preempted=preempted,
                      checkpoint_dir=ckpts.directory)
 
 

@@ -98,7 +98,7 @@ def test_lora_training_changes_only_adapters_and_exports(folder, tmp_path):
       np.asarray(base.model.layers[0].self_attn.q_proj.kernel.get_value()))
   assert np.abs(np.asarray(
       trained.model.layers[0].mlp.up_proj.lora_b.get_value())).max() > 0
-  trained.eval()
+  assert trained.model.layers[0].mlp.up_proj.dropout.deterministic  # Returned in eval mode.
   ids, mask = _ids()
   ours = np.asarray(trained(jnp.asarray(ids), jnp.asarray(mask)))
   out = save_hf(trained, base.config, tmp_path / "export")
