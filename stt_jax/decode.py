@@ -24,9 +24,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from stt_jax import sharding
-from stt_jax.models.decoder import CausalLM, KVCache, positions_from_mask
+from stt_jax.models.decoder import KV_CACHE_AXES, CausalLM, KVCache, positions_from_mask
 
 MIN_PROMPT_BUCKET = 16
+MIN_SHARED_PREFIX = 32  # Shorter common prefixes are not worth a separate prefill.
 _PAD = -1
 
 
@@ -99,18 +100,32 @@ def _select(logits: jax.Array, key: jax.Array, temperature, top_p, *, greedy: bo
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k"))
-def _decode_batch(graphdef, state, ids, mask, key, temperature, top_p, stop_mask, stop_seqs, *,
-                  max_new_tokens: int, greedy: bool, top_k: int):
-  """Prefill `ids` [B, P] (left padded) and decode up to `max_new_tokens` on device.
+def _decode_batch(graphdef, state, prefix, prefix_mask, ids, mask, key, temperature, top_p,
+                  stop_mask, stop_seqs, *, max_new_tokens: int, greedy: bool, top_k: int):
+  """Prefill `prefix` [1, C] once and `ids` [B, P] (left padded) after it, then decode up to
+  `max_new_tokens` on device. A shared few-shot prefix is computed once, not B times; C = 0
+  means no shared prefix.
 
   Returns (tokens [B, max_new_tokens] with -1 after a row stopped, lengths [B]).
   """
   model: CausalLM = nnx.merge(graphdef, state)
   b, p = ids.shape
+  c = prefix.shape[1]
   select = functools.partial(_select, temperature=temperature, top_p=top_p, greedy=greedy,
                              top_k=top_k)
-  cache = KVCache.zeros(model.config, b, p + max_new_tokens, model.dtype, model.mesh)
-  logits, cache = model.forward_cached(ids, mask, positions_from_mask(mask), cache,
+  total = c + p + max_new_tokens
+  offset = jnp.sum(prefix_mask, dtype=jnp.int32)
+  if c:
+    one = KVCache.zeros(model.config, 1, total, model.dtype)
+    _, one = model.forward_cached(prefix, prefix_mask, positions_from_mask(prefix_mask), one,
+                                  last_only=True)
+    cache = KVCache(
+        k=sharding.constrain(jnp.repeat(one.k, b, axis=1), model.mesh, KV_CACHE_AXES),
+        v=sharding.constrain(jnp.repeat(one.v, b, axis=1), model.mesh, KV_CACHE_AXES),
+        valid=jnp.repeat(one.valid, b, axis=0), index=one.index)
+  else:
+    cache = KVCache.zeros(model.config, b, total, model.dtype, model.mesh)
+  logits, cache = model.forward_cached(ids, mask, offset + positions_from_mask(mask), cache,
                                        last_only=True)
   first = select(logits[:, -1], jax.random.fold_in(key, 0))
   width = stop_seqs.shape[1]
@@ -136,7 +151,7 @@ def _decode_batch(graphdef, state, ids, mask, key, temperature, top_p, stop_mask
   out = jnp.full((b, max_new_tokens), _PAD, jnp.int32)
   done = ~jnp.any(mask, axis=-1)  # Batch-filler rows are done from the start.
   lengths = jnp.zeros((b,), jnp.int32)
-  pos = jnp.sum(mask, axis=-1).astype(jnp.int32)
+  pos = offset + jnp.sum(mask, axis=-1).astype(jnp.int32)
   recent = jnp.full((b, width), _PAD, jnp.int32)
   carry = (jnp.int32(0), first, cache, out, done, lengths, pos, recent)
   _, _, _, out, _, lengths, _, _ = jax.lax.while_loop(cond, body, carry)
@@ -146,8 +161,10 @@ def _decode_batch(graphdef, state, ids, mask, key, temperature, top_p, stop_mask
 class Decoder:
   """Decodes token-id prompts with a model; keeps its compiled buckets across calls."""
 
-  def __init__(self, model: CausalLM, batch_size: int = 8, mesh=None, max_len: int | None = None):
+  def __init__(self, model: CausalLM, batch_size: int = 8, mesh=None, max_len: int | None = None,
+               share_prefix: bool = True):
     self.model = model
+    self.share_prefix = share_prefix
     self.mesh = mesh if mesh is not None else model.mesh
     self.batch_size = batch_size
     if self.mesh is not None:  # Batch rows are split over data (and fsdp) axes.
@@ -179,13 +196,34 @@ class Decoder:
       out.append(list(p))
     return out
 
+  def shared_prefix_len(self, prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with (each keeps at least one of its own), if worth sharing."""
+    real = [p for p in prompts if p]
+    if len(real) < 2 or not self.share_prefix:
+      return 0
+    first, n = real[0], min(len(p) for p in real) - 1
+    for p in real[1:]:
+      k = 0
+      limit = min(n, len(p))
+      while k < limit and p[k] == first[k]:
+        k += 1
+      n = k
+    return n if n >= MIN_SHARED_PREFIX else 0
+
   def run_batch(self, prompts: list[list[int]], max_new_tokens: int, stop: StopCriteria,
                 sampling: Sampling, batch_index: int = 0) -> list[list[int]]:
     """Decodes up to `batch_size` prompts; returns generated ids per prompt (stop token kept)."""
     n = len(prompts)
     b = self.batch_size if n <= self.batch_size else n
+    shared = self.shared_prefix_len(prompts)
+    prefix = np.zeros((1, _bucket(shared) if shared else 0), np.int32)
+    prefix_mask = np.zeros(prefix.shape, np.bool_)
+    if shared:
+      prefix[0, -shared:] = prompts[0][:shared]
+      prefix_mask[0, -shared:] = True
+    prompts = [p[shared:] for p in prompts]
     longest = max(len(p) for p in prompts)
-    p_len = min(_bucket(longest), self.max_len - max_new_tokens)
+    p_len = min(_bucket(longest), self.max_len - max_new_tokens - prefix.shape[1])
     p_len = max(p_len, longest)
     ids = np.zeros((b, p_len), np.int32)
     mask = np.zeros((b, p_len), np.bool_)
@@ -193,18 +231,20 @@ class Decoder:
       if p:
         ids[r, p_len - len(p):] = p
         mask[r, p_len - len(p):] = True
-    key = (b, p_len, max_new_tokens, sampling.greedy, sampling.top_k)
+    key = (b, prefix.shape[1], p_len, max_new_tokens, sampling.greedy, sampling.top_k)
     if key not in self.compiled:
       self.compiled.add(key)
-      logging.info("decode: compiling bucket batch=%d prompt_len=%d max_new=%d (%d buckets so "
-                   "far)", b, p_len, max_new_tokens, len(self.compiled))
+      logging.info("decode: compiling bucket batch=%d shared_prefix=%d prompt_len=%d max_new=%d "
+                   "(%d buckets so far)", b, prefix.shape[1], p_len, max_new_tokens,
+                   len(self.compiled))
     ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)
     if self.mesh is not None:
       spec = sharding.named_sharding(self.mesh, ("batch", None), ids.shape)
       ids_j, mask_j = jax.device_put(ids_j, spec), jax.device_put(mask_j, spec)
     rng = jax.random.fold_in(jax.random.PRNGKey(sampling.seed), batch_index)
     out, lengths = _decode_batch(
-        self.graphdef, self.state, ids_j, mask_j, rng,
+        self.graphdef, self.state, jnp.asarray(prefix), jnp.asarray(prefix_mask), ids_j, mask_j,
+        rng,
         jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p),
         jnp.asarray(stop.token_mask), jnp.asarray(stop.sequences),
         max_new_tokens=max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k)

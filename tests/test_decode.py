@@ -138,3 +138,22 @@ def test_text_generate_matches_transformers_and_trims_stops(qwen):
   assert got == expected
   # Rows that hit a stop token end early on device: all stopped rows' texts lack the stop.
   assert all("o" not in g and "\n" not in g for g in got)
+
+
+def test_shared_prefix_is_prefilled_once_with_identical_output(qwen):
+  model, _ = load_hf(qwen)
+  common = prompts_of([45], seed=5)[0]
+  prompts = [common + s for s in prompts_of([3, 9, 1, 6], seed=6)]
+  dec = decode.Decoder(model, batch_size=4)
+  assert dec.shared_prefix_len(prompts) == 45
+  crit = decode.StopCriteria.build(model.config.vocab_size)
+  shared = dec.run_batch(prompts, NEW, crit, decode.Sampling())
+  plain = decode.Decoder(model, batch_size=4, share_prefix=False).run_batch(
+      prompts, NEW, crit, decode.Sampling())
+  assert shared == plain == hf_greedy(qwen, prompts)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  sharded, _ = load_hf(qwen, mesh=mesh)
+  assert decode.Decoder(sharded, batch_size=8).run_batch(prompts, NEW, crit,
+                                                         decode.Sampling()) == shared
+  # A prompt that is entirely the common prefix keeps one token of its own.
+  assert decode.Decoder(model, batch_size=4).shared_prefix_len([common, common + [5]]) == 44
