@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from stt_jax import decode, sharding
+from stt_jax.models.decoder import KVCache, positions_from_mask
 from stt_jax.tasks import Task
 
 
@@ -33,44 +34,74 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _continuation_logprob(graphdef, state, ids, mask, target_mask):
-  """Sum of log p(token) over positions where target_mask is set (next-token aligned)."""
+def _continuation_logprobs(graphdef, state, ids, mask, conts, cont_mask):
+  """Log-likelihood of each continuation after its prompt, the prompt computed once.
+
+  ids/mask: [B, P] left-padded prompts; conts/cont_mask: [M, B, C] right-padded continuations
+  (M per prompt). Returns [M, B] sums of log p(continuation token).
+  """
   model = nnx.merge(graphdef, state)
-  logits = model(ids, mask)[:, :-1]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(target_mask[:, 1:], tok, 0.0), axis=-1)
+  b, p = ids.shape
+  c = conts.shape[-1]
+  cache = KVCache.zeros(model.config, b, p + c, model.dtype, model.mesh)
+  last, cache = model.forward_cached(ids, mask, positions_from_mask(mask), cache, last_only=True)
+  start = jnp.sum(mask, axis=-1, dtype=jnp.int32)[:, None]
+
+  def one(args):
+    cont, cm = args
+    logits, _ = model.forward_cached(cont, cm, start + jnp.arange(c)[None], cache)
+    prev = jnp.concatenate([last, logits[:, :-1]], axis=1)  # logits that predict each token
+    logp = jax.nn.log_softmax(prev, axis=-1)
+    tok = jnp.take_along_axis(logp, cont[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(cm, tok, 0.0), axis=-1)
+
+  return jax.lax.map(one, (conts, cont_mask))
 
 
 def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None):
   """A `score_fn(prompts, continuations) -> log-likelihoods` over a JAX model.
 
   Prompt and continuation are tokenized separately and concatenated, so the continuation's
-  tokens are the same for every prompt (as in lm-evaluation-harness). Right padding into
-  power-of-two lengths keeps compilations few.
+  tokens are the same for every prompt (as in lm-evaluation-harness). A prompt repeated with
+  several continuations (XNLI's three labels) is run once; each continuation then reads its
+  KV cache. Power-of-two lengths keep compilations few.
   """
   graphdef, state = nnx.split(model)
   mesh = mesh if mesh is not None else model.mesh
 
   def score(prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
-    out = []
-    for k in range(0, len(prompts), batch_size):
-      pairs = [(tokenizer.encode(p), tokenizer.encode(c, add_special_tokens=False))
-               for p, c in zip(prompts[k:k + batch_size], continuations[k:k + batch_size])]
-      width = decode._bucket(max(len(p) + len(c) for p, c in pairs))  # pylint: disable=protected-access
-      rows = batch_size
-      ids = np.zeros((rows, width), np.int32)
-      mask = np.zeros((rows, width), np.bool_)
-      target = np.zeros((rows, width), np.bool_)
-      for r, (p, c) in enumerate(pairs):
-        ids[r, :len(p) + len(c)] = p + c
-        mask[r, :len(p) + len(c)] = True
-        target[r, len(p):len(p) + len(c)] = True
-      arrays = [jnp.asarray(a) for a in (ids, mask, target)]
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+      groups.setdefault(p, []).append(i)
+    unique = list(groups)
+    out = [0.0] * len(prompts)
+    for k in range(0, len(unique), batch_size):
+      chunk = unique[k:k + batch_size]
+      p_ids = [tokenizer.encode(p) for p in chunk]
+      c_ids = [[tokenizer.encode(continuations[i], add_special_tokens=False) for i in groups[p]]
+               for p in chunk]
+      m = max(len(c) for c in c_ids)
+      p_len = decode._bucket(max(len(x) for x in p_ids))  # pylint: disable=protected-access
+      c_len = decode._bucket(max(len(x) for c in c_ids for x in c), 4)  # pylint: disable=protected-access
+      ids = np.zeros((batch_size, p_len), np.int32)
+      mask = np.zeros((batch_size, p_len), np.bool_)
+      conts = np.zeros((m, batch_size, c_len), np.int32)
+      cmask = np.zeros((m, batch_size, c_len), np.bool_)
+      for r, (p, cs) in enumerate(zip(p_ids, c_ids)):
+        ids[r, p_len - len(p):] = p
+        mask[r, p_len - len(p):] = True
+        for j, x in enumerate(cs):
+          conts[j, r, :len(x)] = x
+          cmask[j, r, :len(x)] = True
+      args = [jnp.asarray(a) for a in (ids, mask, conts, cmask)]
       if mesh is not None:
-        spec = sharding.named_sharding(mesh, ("batch", None), ids.shape)
-        arrays = [jax.device_put(a, spec) for a in arrays]
-      out += np.asarray(_continuation_logprob(graphdef, state, *arrays))[:len(pairs)].tolist()
+        row = sharding.named_sharding(mesh, ("batch", None), ids.shape)
+        col = sharding.named_sharding(mesh, (None, "batch", None), conts.shape)
+        args = [jax.device_put(a, row if a.ndim == 2 else col) for a in args]
+      scores = np.asarray(_continuation_logprobs(graphdef, state, *args))
+      for r, p in enumerate(chunk):
+        for j, i in enumerate(groups[p]):
+          out[i] = float(scores[j, r])
     return out
 
   return score

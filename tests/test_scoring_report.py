@@ -23,6 +23,8 @@ def test_loglik_matches_transformers(tmp_path):
   model, _ = load_hf(folder)
   prompts = ["Premise: a\nHypothesis: b\nLabel:", "xyz", "Premise: longer text here\nLabel:"]
   conts = [" entailment", " neutral", " contradiction"]
+  # Each prompt with several continuations (computed once), and in varying order.
+  prompts, conts = prompts * 3, conts + conts[::-1] + [" x", " yy", " entailment"]
   got = scoring.loglik_fn(model, tok, batch_size=2)(prompts, conts)
   hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
   for p, c, g in zip(prompts, conts, got):
