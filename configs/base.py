@@ -91,3 +91,37 @@ def translate_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   out.data_dir = cfg.task.data_dir
   out.data_source = cfg.task.data_source
   return out
+
+
+# Per-task settings of the paper setup (Llama-2-7B on a TPU VM), used by configs/<task>_<lang>.py.
+_PAPER_TASK = {
+    # GSM8K question + rationale fits in 512 Llama tokens; rationales need a long answer budget.
+    "mgsm": dict(seq_len=512, batch_size=64, epochs=3, eval_new=320, translate_new=256,
+                 method="generate"),
+    # SQuAD contexts are long; answers are short spans.
+    "xquad": dict(seq_len=1024, batch_size=32, epochs=2, eval_new=48, translate_new=384,
+                  method="generate"),
+    # MultiNLI is large (393k pairs): one pass is plenty; rank the three label words.
+    "xnli": dict(seq_len=256, batch_size=64, epochs=1, eval_new=8, translate_new=160,
+                 method="loglik"),
+}
+
+
+def paper_config(task: str, lang: str) -> ml_collections.ConfigDict:
+  """Train on the English set of `task`, test in `lang` (and English), Llama-2-7B, TPU VM."""
+  s = _PAPER_TASK[task]
+  c = get_config()
+  c.name = f"{task}_{lang}"
+  c.model.path = "/models/Llama-2-7b-hf"  # Local HF folder (download it once; see README).
+  c.model.name = "llama-2-7b"
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # e.g. v4-8 / v5e-8: FSDP over all chips.
+  c.task.name = task
+  c.task.target_langs = (lang,)
+  c.eval.langs = (lang, "en")
+  c.eval.method = s["method"]
+  c.eval.max_new_tokens = s["eval_new"]
+  c.train.seq_len = s["seq_len"]
+  c.train.batch_size = s["batch_size"]
+  c.train.epochs = s["epochs"]
+  c.translate.max_new_tokens = s["translate_new"]
+  return c

@@ -218,6 +218,14 @@ class CausalLM(nnx.Module):
     count of real tokens before each one, so a padded row computes what it would alone.
     segment_ids: [B, L] for packed sequences (attention stays within a segment).
     """
+    hidden = self.hidden_states(input_ids, attention_mask, positions, segment_ids=segment_ids)
+    return self.logits(hidden)
+
+  def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                    positions: jax.Array | None = None, *,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """The final-norm hidden states [B, L, E]; `logits(h)` projects them. Split so a loss can
+    project chunk by chunk instead of materialising [B, L, vocab] float32 logits."""
     b, l = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, l), jnp.bool_)
@@ -233,7 +241,7 @@ class CausalLM(nnx.Module):
     cos, sin = rope_cos_sin(self.config.inv_freq(), positions, self.dtype)
     for i, layer in enumerate(self.model.layers):
       hidden, _ = layer(hidden, cos, sin, windows[self.config.sliding_window(i)])
-    return self._logits(hidden)
+    return self.model.norm(hidden)
 
   def forward_cached(self, input_ids: jax.Array, attention_mask: jax.Array,
                      positions: jax.Array, cache: KVCache, last_only: bool = False
@@ -258,7 +266,7 @@ class CausalLM(nnx.Module):
     new_cache = KVCache(k=ks, v=vs, valid=valid, index=cache.index + l)
     if last_only:
       hidden = hidden[:, -1:]
-    return self._logits(hidden), new_cache
+    return self.logits(self.model.norm(hidden)), new_cache
 
   # ------------------------------------------------------------------ pieces
 
@@ -266,8 +274,8 @@ class CausalLM(nnx.Module):
     hidden = self.model.embed_tokens(input_ids).astype(self.dtype)
     return sharding.constrain(hidden, self.mesh, ("batch", "length", "act_embed"))
 
-  def _logits(self, hidden):
-    hidden = self.model.norm(hidden)
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """float32 logits of final-norm hidden states."""
     if self.config.tie_word_embeddings:
       logits = self.model.embed_tokens.attend(hidden)
     else:

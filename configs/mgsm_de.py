@@ -1,0 +1,11 @@
+"""GSM8K (English) -> MGSM (German), Llama-2-7B on a TPU VM (settings: base.paper_config).
+
+    python -m stt_jax.main --config=configs/mgsm_de.py --workdir=/path/to/workdir \
+        --config.model.path=/models/Llama-2-7b-hf
+"""
+
+from configs import base
+
+
+def get_config():
+  return base.paper_config("mgsm", "de")
