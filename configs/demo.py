@@ -27,7 +27,7 @@ def get_config():
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.task.name = "xnli"
   c.task.target_langs = ("zh",)
-  c.task.train_limit = 240
+  c.task.train_limit = 128
   c.variants = ("zero_shot", "self_translate")
   c.translate.shots = 8
   c.translate.batch_size = 16
@@ -48,7 +48,7 @@ def get_config():
   c.checkpoint.every = 1000  # Only the final step is saved (and scored).
   c.checkpoint.async_save = False
   c.eval.langs = ("zh",)
-  c.eval.limit = 300
+  c.eval.limit = 150
   c.eval.batch_size = 16
   c.eval.method = "loglik"
   c.eval.checkpoints = "final"

@@ -1,6 +1,6 @@
 """Batched, sharded decoding: one jitted prefill + `lax.while_loop` per (batch, prompt) bucket.
 
-Prompts are left padded into power-of-two length buckets and fixed-size batches, so a long
+Prompts are left padded into length buckets (multiples of 32, then powers of two) and fixed-size batches, so a long
 list compiles a handful of programs (each logged once). Inside one compiled call the whole
 prompt batch is prefilled into a preallocated KV cache and new tokens are produced on device
 until every row has stopped (EOS, a stop token/sequence, or `max_new_tokens`). Stop strings
@@ -77,7 +77,13 @@ class StopCriteria:
 
 
 def _bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
-  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+  """Padded length for n tokens: multiples of 32 up to 256 (short prompts waste little),
+  powers of two above; at most ~12 distinct lengths up to 4k, so few compilations."""
+  if n <= minimum:
+    return minimum
+  if n <= 256:
+    return -(-n // 32) * 32
+  return 1 << math.ceil(math.log2(n))
 
 
 def _select(logits: jax.Array, key: jax.Array, temperature, top_p, *, greedy: bool,
