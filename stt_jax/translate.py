@@ -63,8 +63,9 @@ def default_translate_config() -> ml_collections.ConfigDict:
   # task -> exemplar source: 'mgsm' (the 8 MGSM exemplars, parallel in every language) or
   # 'xnli' (parallel sentences of the XNLI dev split). Never test data.
   c.exemplars = {"mgsm": "mgsm", "xquad": "xnli", "xnli": "xnli"}
-  c.mgsm_exemplar_fields = ("question",)  # MGSM fields in the pool, in order ('rationale' adds
-                                           # the answers as 8 more parallel lines)
+  c.mgsm_exemplar_fields = ("question",)  # MGSM fields in the pool, per exemplar: with
+                                           # ("question", "rationale") 8 shots = 4 questions and
+                                           # their 4 answers, which end 'The answer is N.'
   c.xnli_min_chars = 30           # XNLI exemplar sentences: English length bounds ...
   c.xnli_max_chars = 200
   c.exemplar_seed = 0             # ... sampled with this seed (held-out = the rest)
@@ -133,8 +134,8 @@ def parallel_pool(source: str, lang: str, cfg) -> list[Pair]:
   kwargs = dict(data_dir=cfg.data_dir)
   if source == "mgsm":
     rows = get_task("mgsm").load_parallel("exemplars", [cfg.src_lang, lang], **kwargs)
-    return [(_one_line(a[f]), _one_line(b[f])) for f in cfg.mgsm_exemplar_fields
-            for a, b in rows]
+    return [(_one_line(a[f]), _one_line(b[f])) for a, b in rows
+            for f in cfg.mgsm_exemplar_fields]
   if source == "xnli":
     rows = get_task("xnli").load_parallel("dev", [cfg.src_lang, lang], **kwargs)
     pool, seen = [], set()
@@ -283,8 +284,10 @@ class Throughput:
 class Translator:
   """Greedy one-line translation of prompts with a shared Decoder (compiled buckets persist).
 
-  Each segment's token budget grows with its source length (see max_new_ratio); segments are
-  decoded in budget groups, so a runaway row only holds its own batch for its own budget.
+  Each segment gets a token budget that grows with its source length (see max_new_ratio).
+  Segments are sorted by (budget, prompt length) and cut into full batches, each decoded with
+  its largest budget: a runaway row holds its batch only for that budget, and only the very
+  last batch is partly empty.
   """
 
   def __init__(self, model, tokenizer, cfg, mesh=None):
@@ -296,25 +299,24 @@ class Translator:
     if cfg.max_new_ratio <= 0:
       return cfg.max_new_tokens
     need = cfg.max_new_ratio * len(self.tokenizer.encode(source, add_special_tokens=False))
-    return min(cfg.max_new_tokens, decode._bucket(int(need) + cfg.max_new_slack))  # pylint: disable=protected-access
+    return min(cfg.max_new_tokens, _next_pow2(int(need) + cfg.max_new_slack))
 
   def run(self, prompts: Sequence[str], sources: Sequence[str]
           ) -> Iterator[list[tuple[int, str, int, int]]]:
     """Yields each decoded batch as [(index, translation, generated tokens, budget)]."""
     budgets = [self.budget(s) for s in sources]
-    for budget in sorted(set(budgets)):
-      group = [i for i, b in enumerate(budgets) if b == budget]
+    order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(prompts[i])))
+    size = self.decoder.batch_size
+    for k in range(0, len(order), size):
+      chunk = order[k:k + size]
+      budget = max(budgets[i] for i in chunk)
       batch = []
       for j, text in decode.generate_stream(
-          self.model, self.tokenizer, [prompts[i] for i in group], max_new_tokens=budget,
+          self.model, self.tokenizer, [prompts[i] for i in chunk], max_new_tokens=budget,
           stop=("\n",), decoder=self.decoder, truncate=self.cfg.truncate, progress=False):
         ntok = len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
-        batch.append((group[j], text.strip(), ntok, budget))
-        if len(batch) == self.decoder.batch_size:
-          yield batch
-          batch = []
-      if batch:
-        yield batch
+        batch.append((chunk[j], text.strip(), ntok, budget))
+      yield batch
 
   def translate(self, prompts: Sequence[str], sources: Sequence[str], desc: str,
                 on_batch: Callable[[list[dict]], None] | None = None
@@ -338,6 +340,10 @@ class Translator:
         bar.update(len(records))
         bar.set_postfix(tok_s=f"{speed.tokens / max(speed.seconds, 1e-9):.1f}")
     return results, speed
+
+
+def _next_pow2(n: int, minimum: int = 16) -> int:
+  return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
 def is_truncated(record: Mapping[str, Any]) -> bool:
@@ -415,6 +421,7 @@ def translate_task(model, tokenizer, task_name: str, lang: str, config, workdir:
     result = assemble(task, rows, plan, _lookup(cache, ident, todo), lang, cfg)
     stats.update(result.stats)
     stats["segments"]["rejected"] = result.segment_rejects
+    stats["rejected_samples"] = result.reject_samples
     stats["wall_s"] = round(time.perf_counter() - start, 2)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_dir / f"{name}.train.jsonl", _jsonl(result.rows))
@@ -460,6 +467,7 @@ class Assembled:
   cs_rows: list[dict]
   stats: dict[str, Any]
   segment_rejects: dict[str, int]
+  reject_samples: dict[str, list[dict]]  # a few {src, out} per reason, to tune the filters
 
 
 def _field_results(parts_by_field, found, lang, cfg, fcfg, rejects) -> tuple[dict, dict]:
@@ -474,7 +482,7 @@ def _field_results(parts_by_field, found, lang, cfg, fcfg, rejects) -> tuple[dic
         out = record["out"] if record else seg
         why = tf.check(seg, out, lang, fcfg, is_truncated(record),
                        light=field in cfg.filters.light_fields) if record else None
-        rejects[seg] = why
+        rejects[seg] = (why, out)
         reason = reason or why
         outs.append(out)
       out_parts.append(outs)
@@ -529,7 +537,7 @@ def _codeswitched(task, en_row, texts, reasons, lang, cfg, counts) -> list[dict]
 def assemble(task, rows, plan, found, lang, cfg) -> Assembled:
   """Rebuilds translated and code-switched rows from the segment translations; counts."""
   fcfg = filter_config(cfg)
-  seg_reject: dict[str, str | None] = {}
+  seg_reject: dict[str, tuple[str | None, str]] = {}
   kept, cs_rows = [], []
   dropped, aligned, cs_counts = (collections.Counter() for _ in range(3))
   for en_row, parts_by_field in zip(rows, plan):
@@ -551,8 +559,18 @@ def assemble(task, rows, plan, found, lang, cfg) -> Assembled:
            "codeswitched": len(cs_rows), "codeswitch": dict(sorted(cs_counts.items()))}
   if aligned or dropped["unaligned"]:
     stats["answer_alignment"] = {**dict(aligned), "failed": dropped["unaligned"]}
-  rejects = collections.Counter(r for r in seg_reject.values() if r)
-  return Assembled(kept, cs_rows, stats, dict(sorted(rejects.items())))
+  return Assembled(kept, cs_rows, stats, *_reject_summary(seg_reject))
+
+
+def _reject_summary(seg_reject, samples: int = 3) -> tuple[dict, dict]:
+  """Rejected unique segments per reason, and the first few (source, output) of each."""
+  counts, examples = collections.Counter(), collections.defaultdict(list)
+  for src, (reason, out) in seg_reject.items():
+    if reason:
+      counts[reason] += 1
+      if len(examples[reason]) < samples:
+        examples[reason].append({"src": src, "out": out})
+  return dict(sorted(counts.items())), dict(sorted(examples.items()))
 
 
 # ------------------------------------------------------------------------------ quality
@@ -573,12 +591,13 @@ def _score_set(translator, prompts, pairs, lang, cfg, desc) -> tuple[dict, Throu
   records, speed = translator.translate(prompts, sources, desc)
   hyps = [r["out"] for r in records]
   fcfg = filter_config(cfg)
-  passed = [tf.check(s, r["out"], lang, fcfg, is_truncated(r)) is None
-            for s, r in zip(sources, records)]
+  reasons = [tf.check(s, r["out"], lang, fcfg, is_truncated(r))
+             for s, r in zip(sources, records)]
   scores = translation_scores(hyps, refs, lang)
-  scores["filter_pass_rate"] = round(sum(passed) / max(len(passed), 1), 3)
-  scores["samples"] = [{"en": s, "ref": r, "hyp": h}
-                       for s, r, h in list(zip(sources, refs, hyps))[:3]]
+  scores["filter_pass_rate"] = round(reasons.count(None) / max(len(reasons), 1), 3)
+  scores["filter_rejects"] = dict(collections.Counter(r for r in reasons if r))
+  scores["items"] = [{"en": s, "ref": r, "hyp": h, "filter": why}
+                     for s, r, h, why in zip(sources, refs, hyps, reasons)]
   return scores, speed
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -260,6 +261,53 @@ def test_multi_host_slices_and_merge(tiny, tmp_path, monkeypatch):
   assert parts == ["mgsm_zh.part000.jsonl", "mgsm_zh.part001.jsonl"]
   assert outputs(tmp_path / "two", "mgsm", "zh") == outputs(tmp_path / "one", "mgsm", "zh")
   assert stats["hosts"] == 2
+
+
+def test_two_real_jax_processes(tiny, tmp_path, monkeypatch):
+  """jax.distributed with 2 CPU processes (gloo): each decodes its slice, the barrier holds
+  process 1 until process 0 has written the files."""
+  folder = tmp_path / "model"
+  hf_tiny.make_tiny("qwen2", str(folder), max_position_embeddings=1024)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  script = textwrap.dedent(f"""
+      import json, os, sys
+      import jax
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2,
+                                 process_id=int(sys.argv[1]))
+      sys.path.insert(0, {str(REPO)!r})
+      from stt_jax import sharding, translate
+      from stt_jax.models import load_hf
+      from tests import hf_tiny, test_translate as t
+      fake = t.FakeDecoder()
+      translate.decode.generate_stream = fake
+      mesh = sharding.make_mesh(devices=jax.local_devices())  # each host decodes alone
+      model, _ = load_hf({str(folder)!r}, mesh=mesh)
+      stats = translate.translate_task(model, hf_tiny.byte_tokenizer(), "xnli", "de",
+                                       t.small_config(limit=6), {str(tmp_path / "two")!r},
+                                       mesh=mesh)
+      written = os.path.exists({str(tmp_path / "two" / "translations" / "xnli_de.cs.jsonl")!r})
+      print("RESULT", json.dumps({{"sources": fake.sources, "kept": stats.get("kept"),
+                                   "written": written}}))
+      """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in (0, 1)]
+  results = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    results.append(json.loads(out.decode().split("RESULT ", 1)[1]))
+  single = FakeDecoder()
+  monkeypatch.setattr(translate.decode, "generate_stream", single)
+  stats = translate.translate_task(*tiny, "xnli", "de", small_config(limit=6), tmp_path / "one")
+  assert not set(results[0]["sources"]) & set(results[1]["sources"])
+  assert sorted(results[0]["sources"] + results[1]["sources"]) == sorted(single.sources)
+  assert results[0]["kept"] == stats["kept"] and results[1]["kept"] is None
+  assert results[1]["written"]  # process 1 returned only after process 0 wrote
+  assert outputs(tmp_path / "two", "xnli", "de") == outputs(tmp_path / "one", "xnli", "de")
 
 
 def test_kill_9_mid_run_then_resume(tiny, tmp_path, monkeypatch):
