@@ -64,18 +64,21 @@ def gsm8k_throughput(model, tokenizer, cfg, args) -> dict:
 
 def markdown(result: dict) -> str:
   lines = [f"# Self-translation quality ({result['model_name']}, {result['dtype']}, "
-           f"{result['shots']}-shot, greedy)", "",
-           "| lang | set | n | chrF | BLEU (tokenize) | passes filters | example |",
-           "|---|---|---:|---:|---:|---:|---|"]
+           f"{result['shots']}-shot, greedy)", ""]
+  if result["quality"]["langs"]:
+    lines += ["| lang | set | n | chrF | BLEU (tokenize) | passes filters | example |",
+              "|---|---|---:|---:|---:|---:|---|"]
   for lang, sets in result["quality"]["langs"].items():
     for name, s in sets.items():
       example = s["items"][0]["hyp"].replace("|", "/")[:60] if s["items"] else ""
       lines.append(f"| {lang} | {name} | {s['n']} | {s['chrf']:.1f} | {s['bleu']:.1f} "
                    f"({s['bleu_tokenize']}) | {s['filter_pass_rate']:.0%} | {example} |")
   q = result["quality"]["throughput"]
-  lines += ["", f"Quality runs: {q['decoded_segments']} segments, {q['decoded_tokens']} tokens in "
+  lines += [] if not q["decoded_segments"] else ["", f"Quality runs: {q['decoded_segments']} segments, {q['decoded_tokens']} tokens in "
             f"{q['decode_s']:.0f} s ({q['segments_per_s']:.2f} segments/s, "
             f"{q['tokens_per_s']:.1f} tokens/s, compilation included)."]
+  if result.get("note"):
+    lines += ["", result["note"]]
   g = result.get("gsm8k")
   if g:
     lines += ["", f"GSM8K train -> {g['lang']}: {g['questions']} questions, "
