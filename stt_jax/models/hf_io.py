@@ -147,7 +147,7 @@ def abstract_model(config: ModelConfig, dtype="float32", param_dtype=None,
 def param_sharding(variable, shape, mesh: Mesh | None):
   """NamedSharding from a parameter's `logical_axes` metadata (single device without mesh)."""
   if mesh is None:
-    return SingleDeviceSharding(jax.devices()[0])
+    return SingleDeviceSharding(jax.local_devices()[0])  # This host's, in multi-host runs too.
   axes = variable.get_metadata().get("logical_axes")
   if axes is None or len(axes) != len(shape):
     raise LoadError(f"parameter with shape {shape} lacks logical_axes metadata")
