@@ -89,8 +89,9 @@ def byte_tokenizer(out_dir: str | None = None):
   1 bos, 2 eos are the bytes 0-2, which never occur in normal text."""
   import tokenizers  # pylint: disable=g-import-not-at-top
   from tokenizers import decoders, models, pre_tokenizers
-  alphabet = pre_tokenizers.ByteLevel.alphabet()
-  byte_to_unicode = sorted(alphabet, key=lambda ch: _byte_of(ch))
+  from stt_jax.models.gguf_convert import bytes_to_unicode  # pylint: disable=g-import-not-at-top
+  table = bytes_to_unicode()
+  byte_to_unicode = [table[b] for b in range(256)]
   vocab = {ch: i for i, ch in enumerate(byte_to_unicode)}
   tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -101,17 +102,3 @@ def byte_tokenizer(out_dir: str | None = None):
   if out_dir:
     fast.save_pretrained(out_dir)
   return fast
-
-
-def _byte_of(ch: str) -> int:
-  """Inverse of GPT-2's bytes_to_unicode for one character."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-      list(range(ord("®"), ord("ÿ") + 1))
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return dict(zip(map(chr, cs), bs))[ch]

@@ -32,7 +32,7 @@ _TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'
 
 
 def _tokens():
-  table = gguf_convert._bytes_to_unicode()  # pylint: disable=protected-access
+  table = gguf_convert.bytes_to_unicode()
   merged = ["Ġt", "he", "Ġthe", "ll", "or"]
   return [table[b] for b in range(256)] + merged + _SPECIAL
 

@@ -327,7 +327,7 @@ def write_safetensors(path: str | os.PathLike, entries: list[_Entry], dtype: str
   return 8 + len(blob) + offset
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
   """GPT-2's byte -> printable-char table that byte-level BPE vocabularies are spelled in."""
   bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
       range(ord("®"), ord("ÿ") + 1))
@@ -361,7 +361,7 @@ def build_tokenizer(gf: GGUFFile):
   tokens = _field(gf, "tokenizer.ggml.tokens", required=True)
   types = _field(gf, "tokenizer.ggml.token_type", [1] * len(tokens))
   merges = _field(gf, "tokenizer.ggml.merges", required=True)
-  spelling = _bytes_to_unicode()
+  spelling = bytes_to_unicode()
   alphabet = set(spelling.values())
   vocab = {(tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))): i
            for i, tok in enumerate(tokens)}
