@@ -1,4 +1,7 @@
-"""The chunked LM-head loss equals the loss over full logits (value and gradient)."""
+"""The LM-head loss, at once or in chunks, equals the loss over full logits (value and
+gradient)."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +38,11 @@ def test_chunked_loss_matches_full_logits(tmp_path):
     total, count = fn(nnx.merge(graphdef, s), batch)
     return total / count
 
-  got, g_got = jax.value_and_grad(lambda s: loss(train.token_loss_sum, s))(state)
   want, g_want = jax.value_and_grad(lambda s: loss(_naive, s))(state)
-  np.testing.assert_allclose(got, want, rtol=1e-5)
-  for a, w in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
-    np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-6)
+  # 2 x 300 x 256 float32 logits are 600 KiB: a 64 KiB budget forces chunks of 32 positions.
+  for budget in (train.LOSS_LOGITS_BYTES, 64 * 1024):
+    fn = functools.partial(train.token_loss_sum, max_logits_bytes=budget)
+    got, g_got = jax.value_and_grad(lambda s, fn=fn: loss(fn, s))(state)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, w in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+      np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-6)
