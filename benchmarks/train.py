@@ -5,7 +5,8 @@
 
 Both sides do the same work per step: forward, target-token cross-entropy, backward, global
 norm clipping and AdamW with a schedule. Each side runs in its own subprocess (so peak RSS is
-its own), warms up, then times `--steps` steps. Prints a table (steps/s, tokens/s, peak RSS,
+its own), warms up, then times `--steps` steps (median step time; with `--rounds N` the sides
+alternate N times and each keeps its best run). Prints a table (steps/s, tokens/s, peak RSS,
 ratio), the step's FLOPs (formula and XLA's count) and the MFU it implies, and writes JSON to
 benchmarks/results/train_<platform>.json. Not a test: timings never gate CI.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -27,7 +29,16 @@ sys.path.insert(0, ROOT)
 LLAMA100M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                  num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
                  max_position_embeddings=1024)
-LR, WARMUP, CLIP = 1e-4, 2, 1.0
+LR, WARMUP, CLIP, DECAY = 1e-4, 2, 1.0, 0.01
+
+
+def lr_at(step: int, total: int) -> float:
+  """optax.warmup_cosine_decay_schedule(0, LR, WARMUP, total, 0.1 * LR) in plain Python, so
+  torch follows the same learning rates as our default config."""
+  if step < WARMUP:
+    return LR * step / WARMUP
+  frac = min(step - WARMUP, total - WARMUP) / (total - WARMUP)
+  return 0.1 * LR + 0.9 * LR * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def make_model(out_dir: str) -> str:
@@ -66,7 +77,7 @@ def run_ours(folder: str, args) -> dict:
   t.method, t.dtype, t.param_dtype = "full", args.dtype, "float32"
   t.batch_size, t.seq_len, t.lr, t.warmup_steps, t.clip_norm = args.batch, args.seq, LR, \
       WARMUP, CLIP
-  t.weight_decay = 0.01
+  t.weight_decay = DECAY
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   model = train._prepare_model(folder, t, mesh)  # pylint: disable=protected-access
   trainer = train.Trainer(model, t, mesh, total_steps=args.warmup + args.steps)
@@ -76,18 +87,17 @@ def run_ours(folder: str, args) -> dict:
   compiled = trainer.step_fn.lower(state, trainer.frozen, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  for _ in range(args.warmup):
+  times, cpu, losses = [], [], []
+  for i in range(args.warmup + args.steps):
+    start, start_cpu = time.perf_counter(), time.process_time()
     state, metrics = trainer.step(state, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    state, metrics = trainer.step(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+    losses.append(float(metrics["loss"]))
+    if i >= args.warmup:
+      times.append(time.perf_counter() - start)
+      cpu.append(time.process_time() - start_cpu)
   cfg = ModelConfig.from_hf(folder)
   return {"step_s": sorted(times)[len(times) // 2], "times": times,
-          "loss": float(metrics["loss"]), "peak_rss_mb": peak_rss_mb(),
+          "cpu_s": sorted(cpu)[len(cpu) // 2], "losses": losses, "peak_rss_mb": peak_rss_mb(),
           "xla_flops": float(cost.get("flops", 0.0)) if cost else None,
           "model_flops_per_token": train.flops_per_token(cfg, args.seq, "full"),
           "params": cfg.num_params()}
@@ -102,9 +112,11 @@ def run_torch(folder: str, args) -> dict:
   model.train()
   decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
   no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=LR)
-  sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP))
+  # The fused CPU kernel is torch's fastest AdamW (one pass over each parameter).
+  opt = torch.optim.AdamW([{"params": decay, "weight_decay": DECAY},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=LR, fused=True)
+  total = args.warmup + args.steps
+  sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total) / LR)
   b = make_batch(args.batch, args.seq, LLAMA100M["vocab_size"])
   ids = torch.as_tensor(b.inputs, dtype=torch.long)
   targets = torch.as_tensor(b.targets, dtype=torch.long)
@@ -123,16 +135,17 @@ def run_torch(folder: str, args) -> dict:
     sched.step()
     return loss.item()
 
-  for _ in range(args.warmup):
-    step()
-  times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    loss = step()
-    times.append(time.perf_counter() - start)
+  times, cpu, losses = [], [], []
+  for i in range(args.warmup + args.steps):
+    start, start_cpu = time.perf_counter(), time.process_time()
+    losses.append(step())
+    if i >= args.warmup:
+      times.append(time.perf_counter() - start)
+      cpu.append(time.process_time() - start_cpu)
   attn = model.config._attn_implementation  # pylint: disable=protected-access
-  return {"step_s": sorted(times)[len(times) // 2], "times": times, "loss": loss,
-          "peak_rss_mb": peak_rss_mb(), "attn": attn}
+  return {"step_s": sorted(times)[len(times) // 2], "times": times,
+          "cpu_s": sorted(cpu)[len(cpu) // 2], "losses": losses, "peak_rss_mb": peak_rss_mb(),
+          "attn": attn}
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -165,6 +178,7 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+  parser.add_argument("--rounds", type=int, default=1, help="runs per side; the best is kept")
   parser.add_argument("--out", default=None)
   parser.add_argument("--child", nargs=2, metavar=("SIDE", "FOLDER"), help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -174,15 +188,18 @@ def main():
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
     folder = make_model(os.path.join(tmp, "llama100m"))
-    for side in ("torch", "ours"):
-      cmd = [sys.executable, __file__, "--child", side, folder] + [
-          f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "steps", "warmup", "dtype",
-                                                "threads")]
-      proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-      lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON ")]
-      if proc.returncode or not lines:
-        raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
-      results[side] = json.loads(lines[-1][5:])
+    for _ in range(args.rounds):  # Alternating sides evens out load from other processes.
+      for side in ("torch", "ours"):
+        cmd = [sys.executable, __file__, "--child", side, folder] + [
+            f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "steps", "warmup", "dtype",
+                                                  "threads")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON ")]
+        if proc.returncode or not lines:
+          raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
+        run = json.loads(lines[-1][5:])
+        if side not in results or run["step_s"] < results[side]["step_s"]:
+          results[side] = run
   report(results, args)
 
 
@@ -195,6 +212,8 @@ def report(results: dict, args) -> None:
     r["steps_per_s"] = 1.0 / r["step_s"]
     r["tokens_per_s"] = tokens / r["step_s"]
   ratio = ours["tokens_per_s"] / ref["tokens_per_s"]
+  cpu_ratio = ref["cpu_s"] / ours["cpu_s"]
+  loss_diff = max(abs(a - b) / abs(b) for a, b in zip(ours["losses"], ref["losses"]))
   step_flops = ours["model_flops_per_token"] * tokens
   achieved = step_flops / ours["step_s"]
   tpu_peak = 197e12  # TPU v5e, bf16 dense.
@@ -202,18 +221,22 @@ def report(results: dict, args) -> None:
       "model": "llama ~100M (random)", "params": ours["params"], "batch": args.batch,
       "seq": args.seq, "dtype": args.dtype, "threads": args.threads,
       "jax": jax.__version__, "torch": torch.__version__, "ours": ours, "torch_ref": ref,
-      "ratio_tokens_per_s": ratio, "model_flops_per_step": step_flops,
+      "ratio_tokens_per_s": ratio, "ratio_cpu_time": cpu_ratio, "max_rel_loss_diff": loss_diff,
+      "model_flops_per_step": step_flops,
       "xla_flops_per_step": ours["xla_flops"], "achieved_flops": achieved,
       "cpu_matmul_peak_flops": ours["matmul_peak_flops"],
       "mfu_vs_cpu_matmul_peak": achieved / ours["matmul_peak_flops"],
       "tpu_v5e_step_ms_at_50pct_mfu": 1e3 * step_flops / (0.5 * tpu_peak),
   }
-  print(f"\n{'':8} {'step s':>8} {'steps/s':>8} {'tokens/s':>9} {'peak RSS MB':>12}")
+  print(f"\n{'':8} {'step s':>8} {'CPU s':>7} {'steps/s':>8} {'tokens/s':>9} "
+        f"{'peak RSS MB':>12}")
   for name, r in (("stt_jax", ours), ("torch", ref)):
-    print(f"{name:8} {r['step_s']:8.3f} {r['steps_per_s']:8.2f} {r['tokens_per_s']:9.0f} "
-          f"{r['peak_rss_mb']:12.0f}")
+    print(f"{name:8} {r['step_s']:8.3f} {r['cpu_s']:7.2f} {r['steps_per_s']:8.2f} "
+          f"{r['tokens_per_s']:9.0f} {r['peak_rss_mb']:12.0f}")
   print(f"ratio (ours / torch tokens/s): {ratio:.2f}x  [{args.threads} threads, {args.dtype}, "
-        f"batch {args.batch}x{args.seq}]")
+        f"batch {args.batch}x{args.seq}]; by CPU time per step {cpu_ratio:.2f}x; same losses "
+        f"step by step (max rel. diff "
+        f"{loss_diff:.1e}: {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f})")
   print(f"FLOPs/step: model formula {step_flops / 1e9:.1f} G, XLA count "
         f"{(ours['xla_flops'] or 0) / 1e9:.1f} G; achieved {achieved / 1e9:.1f} GFLOP/s = "
         f"{summary['mfu_vs_cpu_matmul_peak']:.0%} of this CPU's fp32 matmul peak "
