@@ -13,7 +13,7 @@ from stt_jax import translate as translate_lib
 VARIANTS = ("zero_shot", "self_translate", "self_translate_cs")
 STAGES = ("translate", "train", "eval", "report")
 # Translate-section keys that the `task` section owns (one source of truth).
-_TASK_OWNED = ("limit", "data_dir", "data_source")
+_TASK_OWNED = ("limit", "sample_seed", "data_dir", "data_source")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -46,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.target_langs = ("de", "ru", "th", "zh")
   c.task.data_dir = ml_collections.config_dict.placeholder(str)  # Folder in data/'s schema.
   c.task.data_source = "auto"  # auto (data_dir, bundled data/, HF datasets, TFDS) | local | hf | tfds
-  c.task.train_limit = ml_collections.config_dict.placeholder(int)  # First N English train rows.
+  c.task.train_limit = ml_collections.config_dict.placeholder(int)  # N English train rows ...
+  c.task.train_sample_seed = 0  # ... a seeded random sample (files may be sorted by label).
 
   c.translate = translate_lib.default_translate_config()
   c.translate.unlock()
@@ -88,6 +89,7 @@ def translate_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   out.unlock()
   out.update(cfg.translate.to_dict())
   out.limit = cfg.task.train_limit
+  out.sample_seed = cfg.task.train_sample_seed
   out.data_dir = cfg.task.data_dir
   out.data_source = cfg.task.data_source
   return out

@@ -101,23 +101,55 @@ def run_translate(cfg, workdir, tokenizer) -> None:
   if not any(v != "zero_shot" for v in cfg.variants):
     return
   mesh = evaluate.local_mesh(cfg)
+  section = base.translate_section(cfg)
   model = None
   for lang in cfg.task.target_langs:
-    if _translated(workdir, cfg, lang):
-      logging.info("main: translations for %s exist; skipping", lang)
+    marker = _translate_marker(workdir, cfg, lang)
+    stamp = _translate_stamp(cfg, section, lang)
+    if _read_json(marker) == stamp:
+      logging.info("main: translations for %s are up to date; skipping", lang)
       continue
     if model is None:
       model, _ = load_hf(cfg.model.path, mesh=mesh, dtype=cfg.model.dtype,
                          param_dtype=cfg.model.param_dtype or None)
-    stats = translate.translate_task(model, tokenizer, cfg.task.name, lang,
-                                     base.translate_section(cfg), workdir, mesh=mesh)
-    logging.info("main: translated %s: %s", lang, json.dumps(stats.get("kept", stats))[:500])
+    stats = translate.translate_task(model, tokenizer, cfg.task.name, lang, section, workdir,
+                                     mesh=mesh)
+    logging.info("main: translated %s: kept %s of %s", lang, stats.get("kept"),
+                 stats.get("items"))
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+      _write_json(marker, stamp)
+
+
+def _translate_marker(workdir, cfg, lang) -> str:
+  from stt_jax.tasks import get_task  # pylint: disable=g-import-not-at-top
+  name = f"{get_task(cfg.task.name).name}_{lang}"
+  return os.path.join(workdir, "translations", f"{name}.done.json")
+
+
+def _translate_stamp(cfg, section, lang) -> dict:
+  """What the translation files depend on: a changed setting makes the stage run again (it
+  reuses every cached segment, so only new sources are decoded)."""
+  return {"model": os.path.abspath(cfg.model.path), "task": cfg.task.name, "lang": lang,
+          "translate": json.loads(json.dumps(section.to_dict(), sort_keys=True, default=str))}
 
 
 def _translated(workdir, cfg, lang) -> bool:
-  from stt_jax.tasks import get_task  # pylint: disable=g-import-not-at-top
-  name = f"{get_task(cfg.task.name).name}_{lang}"
-  return os.path.isfile(os.path.join(workdir, "translations", f"{name}.stats.json"))
+  return os.path.isfile(_translate_marker(workdir, cfg, lang))
+
+
+def _read_json(path: str):
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(obj, f, sort_keys=True)
+  os.replace(path + ".tmp", path)
 
 
 def rows_by_source(cfg, workdir) -> dict[str, list[dict]]:
@@ -126,7 +158,8 @@ def rows_by_source(cfg, workdir) -> dict[str, list[dict]]:
   from stt_jax.tasks import get_task  # pylint: disable=g-import-not-at-top
   task = get_task(cfg.task.name)
   out = {"en": list(task.load("train", "en", limit=cfg.task.train_limit,
-                              data_dir=cfg.task.data_dir, source=cfg.task.data_source)),
+                              data_dir=cfg.task.data_dir, source=cfg.task.data_source,
+                              sample_seed=cfg.task.train_sample_seed)),
          "translated": [], "code_switched": []}
   for lang in cfg.task.target_langs:
     for source, suffix in (("translated", "train"), ("code_switched", "cs")):
@@ -165,9 +198,7 @@ def run_train(cfg, workdir, tokenizer) -> None:
       sys.exit(143)
     import jax  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:
-      with open(marker + ".tmp", "w", encoding="utf-8") as f:
-        json.dump({"step": result.step, "metrics": result.metrics}, f)
-      os.replace(marker + ".tmp", marker)
+      _write_json(marker, {"step": result.step, "metrics": result.metrics})
     del result
 
 

@@ -78,7 +78,8 @@ def default_translate_config() -> ml_collections.ConfigDict:
   c.progress = True               # tqdm bar: segments/s, tokens/s, ETA
   c.model_id = ""                 # cache key; default: the model folder's name
   # --- input
-  c.limit = config_dict.placeholder(int)        # first N English train rows (None = all)
+  c.limit = config_dict.placeholder(int)        # N English train rows (None = all) ...
+  c.sample_seed = config_dict.placeholder(int)  # ... a seeded random N (None = the first N)
   c.data_dir = config_dict.placeholder(str)     # task data folder (see docs/tasks.md)
   c.data_source = "auto"                        # auto | local | hf | tfds
   c.split_sentences_over = 300    # lines longer than this (chars) are split into sentences;
@@ -397,7 +398,7 @@ def translate_task(model, tokenizer, task_name: str, lang: str, config, workdir:
   out_dir = pathlib.Path(workdir) / "translations"
   name = f"{task.name}_{lang}"
   rows = task.load("train", cfg.src_lang, limit=cfg.limit, data_dir=cfg.data_dir,
-                   source=cfg.data_source)
+                   source=cfg.data_source, sample_seed=cfg.sample_seed)
   plan = [{f: split_field(t, cfg) for f, t in task.translatable_texts(r).items()} for r in rows]
   segments = _unique(s for fields in plan for parts in fields.values() for line in parts
                      for s in line)

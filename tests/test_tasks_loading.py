@@ -206,3 +206,16 @@ def test_every_task_declares_its_interface():
       row = task.load(split, lang, limit=1, strict=True)[0]
       assert task.format_target(row).startswith(" ")
       assert task.format_prompt(row).count("\n") >= 1
+
+
+def test_sample_seed_draws_a_seeded_subset_in_file_order():
+  from stt_jax.tasks import get_task  # pylint: disable=g-import-not-at-top
+  task = get_task("xnli")
+  first = task.load("train", "en", limit=90)
+  assert {r["label"] for r in first} == {"entailment"}  # The bundled file is sorted by label.
+  sample = task.load("train", "en", limit=90, sample_seed=0)
+  assert len(sample) == 90 and len({r["label"] for r in sample}) == 3
+  assert [r["id"] for r in sample] == [r["id"] for r in task.load("train", "en", limit=90,
+                                                                   sample_seed=0)]
+  order = [int(r["id"].rsplit("-", 1)[1]) for r in sample]
+  assert order == sorted(order)

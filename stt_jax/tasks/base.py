@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import logging
+import random
 import pathlib
 from typing import (Any, Callable, Iterable, Iterator, Mapping, Optional,
                     Sequence)
@@ -193,8 +194,13 @@ class Task:
 
   def load(self, split: str, lang: str = "en", limit: Optional[int] = None,
            data_dir: Optional[str] = None, strict: bool = False,
-           source: str = "auto") -> Rows:
+           source: str = "auto", sample_seed: Optional[int] = None) -> Rows:
     """Loads `split` in `lang` as checked examples, each with a stable `id`.
+
+    limit: the first `limit` rows; with `sample_seed`, a seeded random `limit`
+    rows instead (kept in file order). Use the sample for training subsets:
+    files such as the bundled MultiNLI are sorted by label, so their first
+    rows are all one class.
 
     Sources, first that has the split wins: `data_dir` (same layout and
     schema as the bundled data/), the bundled data/, Hugging Face `datasets`,
@@ -220,8 +226,11 @@ class Task:
                            "strict=False to skip malformed rows.") from None
         rows.malformed.append(problem)
         continue
-      if limit is not None and len(rows) >= limit:
+      if limit is not None and sample_seed is None and len(rows) >= limit:
         break
+    if limit is not None and sample_seed is not None and len(rows) > limit:
+      keep = sorted(random.Random(sample_seed).sample(range(len(rows)), limit))
+      rows[:] = [rows[i] for i in keep]
     if rows.malformed:
       _log.warning("%s %s/%s: skipped %d malformed row(s): %s", self.name,
                    split, lang, rows.num_malformed,
