@@ -123,6 +123,7 @@ def paper_config(task: str, lang: str) -> ml_collections.ConfigDict:
   c.eval.method = s["method"]
   c.eval.max_new_tokens = s["eval_new"]
   c.train.seq_len = s["seq_len"]
+  c.train.remat = True  # 7B activations of a 64-sequence batch do not fit otherwise.
   c.train.batch_size = s["batch_size"]
   c.train.epochs = s["epochs"]
   c.translate.max_new_tokens = s["translate_new"]

@@ -46,3 +46,21 @@ def test_chunked_loss_matches_full_logits(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for a, w in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
       np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-6)
+
+
+def test_layer_remat_gives_the_same_loss_and_gradients(tmp_path):
+  model, _ = load_hf(hf_tiny.make_tiny("qwen2", str(tmp_path / "m")))
+  rng = np.random.default_rng(1)
+  ids = jnp.asarray(rng.integers(3, hf_tiny.VOCAB, (2, 40)), jnp.int32)
+  graphdef, state = nnx.split(model)
+
+  def loss(s, remat):
+    m = nnx.merge(graphdef, s)
+    m.remat = remat
+    return jnp.mean(m(ids)[..., :7] ** 2)
+
+  plain, g_plain = jax.value_and_grad(lambda s: loss(s, False))(state)
+  remat, g_remat = jax.value_and_grad(lambda s: loss(s, True))(state)
+  np.testing.assert_allclose(remat, plain, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -202,6 +202,9 @@ class CausalLM(nnx.Module):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.config = config
     self.dtype = jnp.dtype(dtype)
+    # Recompute each layer in the backward pass instead of storing its activations (training
+    # memory ~ one layer's activations + the layer inputs); set by the trainer.
+    self.remat = False
     self.mesh = mesh
     self.model = DecoderModel(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
                               rngs=rngs)
@@ -239,8 +242,9 @@ class CausalLM(nnx.Module):
     hidden = self._embed(input_ids)
     windows = self._window_masks(mask[:, None], idx, idx)
     cos, sin = rope_cos_sin(self.config.inv_freq(), positions, self.dtype)
+    call = nnx.remat(_layer_call) if self.remat else _layer_call
     for i, layer in enumerate(self.model.layers):
-      hidden, _ = layer(hidden, cos, sin, windows[self.config.sliding_window(i)])
+      hidden = call(layer, hidden, cos, sin, windows[self.config.sliding_window(i)])
     return self.model.norm(hidden)
 
   def forward_cached(self, input_ids: jax.Array, attention_mask: jax.Array,
@@ -290,6 +294,10 @@ class CausalLM(nnx.Module):
     for w in set(self.config.sliding_windows or ()) - {None}:
       out[w] = mask & (k_idx[None, :] > q_idx[:, None] - w)[None, None]
     return out
+
+
+def _layer_call(layer: DecoderLayer, hidden, cos, sin, mask):
+  return layer(hidden, cos, sin, mask)[0]
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
