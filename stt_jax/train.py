@@ -472,8 +472,9 @@ def _prepare_model(model_or_path, t: ml_collections.ConfigDict, mesh: Mesh) -> n
       if hasattr(module, "mesh"):
         module.mesh = mesh
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-      value = var.get_value()
-      var.set_value(jax.device_put(value, hf_io.param_sharding(var, value.shape, mesh)))
+      value = var.get_value()  # Copied: the train step donates its buffers.
+      var.set_value(jax.device_put(value, hf_io.param_sharding(var, value.shape, mesh),
+                                   may_alias=False))
   model.remat = bool(t.remat)
   if t.method == "lora" and not lora.has_lora(model):
     lora.apply_lora(model, rank=t.lora.rank, alpha=t.lora.alpha, dropout=t.lora.dropout,

@@ -110,8 +110,14 @@ def test_tiny_model_overfits_in_bf16_with_fp32_master_weights(folder, tmp_path):
                         log_every=1, dtype="bfloat16", param_dtype="float32")
   config.checkpoint.every = 1000
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
-  result = train.train(folder, ByteTokenizer(), TASK, {"en": math_rows(4)}, config,
+  # A model object (not a path): training works on a copy and leaves it intact.
+  model, _ = load_hf(folder, mesh=mesh, dtype="bfloat16", param_dtype="float32")
+  kernel = model.model.layers[0].mlp.up_proj.kernel.get_value()
+  before = np.asarray(kernel)
+  result = train.train(model, ByteTokenizer(), TASK, {"en": math_rows(4)}, config,
                        tmp_path, mesh)
+  assert not kernel.is_deleted()
+  np.testing.assert_array_equal(np.asarray(kernel), before)
   rows = read_metrics(tmp_path / "train" / "metrics.jsonl")
   assert [r["step"] for r in rows] == list(range(1, 41))
   first, last = rows[0]["loss"], rows[-1]["loss"]
