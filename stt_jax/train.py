@@ -67,7 +67,7 @@ def default_train_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   t = c.train = ml_collections.ConfigDict()
   t.method = "lora"  # 'full': every weight is trained; 'lora': adapters only, base frozen.
-  t.remat = False  # Recompute each decoder layer in the backward pass (memory for ~1/3 more compute).
+  t.remat = False  # Recompute each decoder layer in the backward (less memory, ~1/3 more FLOPs).
   t.lora = ml_collections.ConfigDict()
   t.lora.rank = 16  # Adapter rank r.
   t.lora.alpha = 32.0  # Update scale is alpha / rank.
@@ -526,9 +526,10 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
   data = train_data.BatchIterator(examples, batch_size=t.batch_size, seq_len=t.seq_len,
                                   packing=t.packing, weights=t.mixture.to_dict(), seed=t.seed)
   total = t.steps or sum(data.batches_in_epoch(e) for e in range(t.epochs))
+  sizes = {s: len(examples.indices(s)) for s in examples.sources}
   logging.info("train: %d examples (%s), %d steps of %d x %d tokens", len(examples.tokens),
-               ", ".join(f"{s}={len(examples.indices(s))}" for s in examples.sources), total,
-               t.batch_size, t.seq_len)
+               ", ".join(f"{k}={v}" for k, v in sizes.items()), total, t.batch_size,
+               t.seq_len)
 
   model = _prepare_model(model, t, mesh)
   model.train()
@@ -546,6 +547,10 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
     data.restore(meta["data"])
     logging.info("train: resumed from step %d (epoch %d, batch %d)", step, data.epoch,
                  data.position)
+    if meta.get("examples", sizes) != sizes:
+      logging.warning("train: the training data changed since step %d was saved (examples "
+                      "per source %s, now %s); training continues, but not in the order an "
+                      "uninterrupted run would have used", step, meta.get("examples"), sizes)
 
   fpt = flops_per_token(model_config, t.seq_len, t.method) if model_config else None
   peak = peak_flops(jax.devices()[0].device_kind, t.peak_flops)
@@ -585,7 +590,7 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
           bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}",
                           tok_s=f"{row['tokens_per_s'] or 0:.0f}")
           window = {"loss": [], "time": 0.0, "tokens": 0}
-        meta = {"data": data.state, "step": step, "train": t.to_dict()}
+        meta = {"data": data.state, "step": step, "examples": sizes, "train": t.to_dict()}
         ckpts.save(step, state, meta, force=step == total)
         if step < total and (preemption.requested or ckpts.reached_preemption(step)):
           ckpts.save(step, state, meta, force=True)

@@ -2,6 +2,7 @@
 config errors and the MFU formula."""
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +106,7 @@ def test_sharded_step_equals_unsharded(folder):
   assert q.addressable_shards[0].data.size * 4 == q.size
 
 
-def test_tiny_model_overfits_in_bf16_with_fp32_master_weights(folder, tmp_path):
+def test_tiny_model_overfits_in_bf16_with_fp32_master_weights(folder, tmp_path, caplog):
   config = small_config(steps=40, lr=1e-2, min_lr_ratio=1.0, batch_size=4, packing=False,
                         log_every=1, dtype="bfloat16", param_dtype="float32")
   config.checkpoint.every = 1000
@@ -127,6 +128,15 @@ def test_tiny_model_overfits_in_bf16_with_fp32_master_weights(folder, tmp_path):
   assert {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(result.model, nnx.Param))
           } == {jnp.dtype(jnp.float32)}
   assert rows[5]["tokens_per_s"] > 0 and rows[5]["mfu"] is None  # CPU: peak unknown.
+  # Rerunning the finished run returns at once, with its last metrics row.
+  again = train.train(model, ByteTokenizer(), TASK, {"en": math_rows(4)}, config, tmp_path,
+                      mesh)
+  assert again.step == 40 and again.metrics == rows[-1]
+  # Resuming over different data works but says the order is no longer the original one.
+  config.train.steps = 41
+  with caplog.at_level(logging.WARNING):
+    train.train(model, ByteTokenizer(), TASK, {"en": math_rows(5)}, config, tmp_path, mesh)
+  assert "training data changed since step 40" in caplog.text
 
 
 def test_config_errors():
