@@ -42,12 +42,22 @@ def _child(model: str, workdir: str) -> None:
 
 
 def _start(model, workdir, cache):
+  """Starts a run; its output goes to a log file next to the cache (no pipe to fill up)."""
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return subprocess.Popen([sys.executable, "-m", "tests.test_train_resume", str(model),
-                           str(workdir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  log_path = f"{cache}.{time.time_ns()}.log"
+  with open(log_path, "w", encoding="utf-8") as log:
+    proc = subprocess.Popen([sys.executable, "-m", "tests.test_train_resume", str(model),
+                             str(workdir)], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+  proc.log_path = log_path
+  return proc
+
+
+def _output(proc) -> str:
+  with open(proc.log_path, encoding="utf-8") as f:
+    return f.read()
 
 
 def _wait_for_step(proc, metrics, step, timeout=120):
@@ -60,14 +70,15 @@ def _wait_for_step(proc, metrics, step, timeout=120):
       if rows and rows[-1]["step"] >= step:
         return rows[-1]["step"]
     if proc.poll() is not None:
-      pytest.fail(f"run ended early:\n{proc.stdout.read()[-3000:]}")
+      pytest.fail(f"run ended early:\n{_output(proc)[-3000:]}")
     time.sleep(0.02)
   proc.kill()
   pytest.fail(f"no step {step} within {timeout}s")
 
 
 def _finish(proc, timeout=180):
-  out, _ = proc.communicate(timeout=timeout)
+  proc.wait(timeout=timeout)
+  out = _output(proc)
   assert proc.returncode == 0, out[-3000:]
   return [line for line in out.splitlines() if line.startswith("RESULT")][-1].split()[1:]
 
