@@ -92,6 +92,11 @@ class MetricsFile:
 
   @contextlib.contextmanager
   def lock(self):
+    """Excludes other evaluators. Only process 0 takes it: the hosts of one evaluator work in
+    lockstep (and would deadlock on it while process 0 waits for them in a collective)."""
+    if jax.process_index() != 0:
+      yield
+      return
     with open(os.path.join(self.dir, ".lock"), "a") as f:
       fcntl.flock(f, fcntl.LOCK_EX)
       try:
