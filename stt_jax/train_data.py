@@ -12,14 +12,16 @@ multi-host run computes the same plan and materialises only its own rows.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
+import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from stt_jax.tasks.base import MalformedRow, read_jsonl
 
 # Data sources, in the order their weights appear in the config (train.mixture.<source>).
 SOURCES = ("en", "translated", "code_switched")
@@ -37,20 +39,14 @@ class DataError(ValueError):
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Rows of a jsonl file written by the translation stage (task schema plus `lang`)."""
+  """Rows of a jsonl file written by the translation stage (task schema plus `lang`); the
+  first broken line is an error naming file:line (the task reader only skips them)."""
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: broken JSON ({e.msg}); fix or delete the line, or "
-                        "rerun the translate stage") from None
-      if not isinstance(row, dict):
-        raise DataError(f"{path}:{lineno}: not a JSON object")
-      rows.append(row)
+  for where, _, record in read_jsonl(pathlib.Path(path)):
+    if isinstance(record, MalformedRow):
+      raise DataError(f"{where}: {record}; fix or delete the line, or rerun the translate "
+                      "stage")
+    rows.append(record)
   return rows
 
 
