@@ -106,32 +106,37 @@ def test_unknown_rope_type(llama, tmp_path):
     load_hf(bad)
 
 
-def test_missing_tensor(llama, tmp_path):
-  bad = tmp_path / "m"
-  bad.mkdir()
+def _tensors(folder) -> dict:
+  with safetensors_io.SafetensorsFile(os.path.join(folder, "model.safetensors")) as f:
+    return {n: np.array(f.tensor(n)) for n in f.keys()}
+
+
+def _folder_with(llama, bad, tensors: dict):
+  """A copy of `llama`'s config.json with the given tensors as its weights."""
+  bad.mkdir(exist_ok=True)
   shutil.copy(os.path.join(llama, "config.json"), bad)
-  with safetensors_io.SafetensorsFile(os.path.join(llama, "model.safetensors")) as f:
-    tensors = [(n, np.array(f.tensor(n))) for n in f.keys()
-               if n != "model.layers.1.mlp.down_proj.weight"]
-  safetensors_io.write(str(bad / "model.safetensors"), tensors)
+  safetensors_io.write(str(bad / "model.safetensors"), tensors.items())
+  return bad
+
+
+def test_missing_tensor(llama, tmp_path):
+  tensors = _tensors(llama)
+  del tensors["model.layers.1.mlp.down_proj.weight"]
+  bad = _folder_with(llama, tmp_path / "m", tensors)
   with pytest.raises(LoadError, match=r"missing 1 tensor\(s\).*model\.layers\.1\.mlp\.down_proj"):
     load_hf(bad)
 
 
 def test_wrong_shape_and_unexpected(llama, tmp_path):
-  bad = tmp_path / "m"
-  bad.mkdir()
-  shutil.copy(os.path.join(llama, "config.json"), bad)
-  with safetensors_io.SafetensorsFile(os.path.join(llama, "model.safetensors")) as f:
-    tensors = {n: np.array(f.tensor(n)) for n in f.keys()}
+  tensors = _tensors(llama)
   tensors["model.norm.weight"] = np.ones(65, np.float32)
-  safetensors_io.write(str(bad / "model.safetensors"), tensors.items())
+  bad = _folder_with(llama, tmp_path / "m", tensors)
   with pytest.raises(LoadError, match=r"'model\.norm\.weight' has shape \(65,\), config implies "
                      r"\(64,\)"):
     load_hf(bad)
   tensors["model.norm.weight"] = np.ones(64, np.float32)
   tensors["model.layers.0.extra.weight"] = np.ones(3, np.float32)
-  safetensors_io.write(str(bad / "model.safetensors"), tensors.items())
+  _folder_with(llama, bad, tensors)
   with pytest.raises(LoadError, match=r"unexpected tensor\(s\) model\.layers\.0\.extra\.weight"):
     load_hf(bad)
 
