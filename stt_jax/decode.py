@@ -1,6 +1,7 @@
 """Batched, sharded decoding: one jitted prefill + `lax.while_loop` per (batch, prompt) bucket.
 
-Prompts are left padded into length buckets (multiples of 32, then powers of two) and fixed-size batches, so a long
+Prompts are left padded into length buckets (multiples of 32, then powers of two) and
+fixed-size batches, so a long
 list compiles a handful of programs (each logged once). Inside one compiled call the whole
 prompt batch is prefilled into a preallocated KV cache and new tokens are produced on device
 until every row has stopped (EOS, a stop token/sequence, or `max_new_tokens`). Stop strings
@@ -76,7 +77,7 @@ class StopCriteria:
     return cls(token_mask=mask, sequences=arr, eos_ids=tuple(int(t) for t in eos_ids))
 
 
-def _bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
+def bucket_length(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
   """Padded length for n tokens: multiples of 32 up to 256 (short prompts waste little),
   powers of two above; at most ~12 distinct lengths up to 4k, so few compilations."""
   if n <= minimum:
@@ -222,14 +223,14 @@ class Decoder:
     n = len(prompts)
     b = self.batch_size if n <= self.batch_size else n
     shared = self.shared_prefix_len(prompts)
-    prefix = np.zeros((1, _bucket(shared) if shared else 0), np.int32)
+    prefix = np.zeros((1, bucket_length(shared) if shared else 0), np.int32)
     prefix_mask = np.zeros(prefix.shape, np.bool_)
     if shared:
       prefix[0, -shared:] = prompts[0][:shared]
       prefix_mask[0, -shared:] = True
     prompts = [p[shared:] for p in prompts]
     longest = max(len(p) for p in prompts)
-    p_len = min(_bucket(longest), self.max_len - max_new_tokens - prefix.shape[1])
+    p_len = min(bucket_length(longest), self.max_len - max_new_tokens - prefix.shape[1])
     p_len = max(p_len, longest)
     ids = np.zeros((b, p_len), np.int32)
     mask = np.zeros((b, p_len), np.bool_)

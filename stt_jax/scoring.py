@@ -81,8 +81,8 @@ def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None):
       c_ids = [[tokenizer.encode(continuations[i], add_special_tokens=False) for i in groups[p]]
                for p in chunk]
       m = max(len(c) for c in c_ids)
-      p_len = decode._bucket(max(len(x) for x in p_ids))  # pylint: disable=protected-access
-      c_len = decode._bucket(max(len(x) for c in c_ids for x in c), 4)  # pylint: disable=protected-access
+      p_len = decode.bucket_length(max(len(x) for x in p_ids))
+      c_len = decode.bucket_length(max(len(x) for c in c_ids for x in c), 4)
       ids = np.zeros((batch_size, p_len), np.int32)
       mask = np.zeros((batch_size, p_len), np.bool_)
       conts = np.zeros((m, batch_size, c_len), np.int32)
