@@ -1,8 +1,7 @@
 """Batched, sharded decoding: one jitted prefill + `lax.while_loop` per (batch, prompt) bucket.
 
 Prompts are left padded into length buckets (multiples of 32, then powers of two) and
-fixed-size batches, so a long
-list compiles a handful of programs (each logged once). Inside one compiled call the whole
+fixed-size batches, so a long list compiles a handful of programs (each logged once). Inside one compiled call the whole
 prompt batch is prefilled into a preallocated KV cache and new tokens are produced on device
 until every row has stopped (EOS, a stop token/sequence, or `max_new_tokens`). Stop strings
 are detected on device by token (any token whose text contains the stop string, and the stop
