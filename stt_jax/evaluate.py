@@ -224,9 +224,9 @@ def _agreed(cfg, items: list[tuple[str, int]]) -> list[tuple[str, int]]:
 def run(cfg, workdir: str, tokenizer=None, *, wait: bool = True) -> int:
   """Scores what is pending; with `wait`, keeps polling until training has finished.
   Returns the number of (variant, step) checkpoints scored."""
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  from stt_jax import preflight  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
-  tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.model.path)
+  tokenizer = tokenizer or preflight.load_tokenizer(cfg.model.path)
   metrics = MetricsFile(workdir)
   mesh = local_mesh(cfg)
   dtype = cfg.model.dtype
@@ -268,7 +268,10 @@ def _main(argv):
   from stt_jax import main as main_lib  # pylint: disable=g-import-not-at-top
   main_lib.quiet_logs()
   cfg, workdir = main_lib.setup()
-  n = run(cfg, workdir, wait=True)
+  from stt_jax import preflight  # pylint: disable=g-import-not-at-top
+  tokenizer = preflight.load_tokenizer(cfg.model.path)
+  preflight.check(cfg, workdir, tokenizer)
+  n = run(cfg, workdir, tokenizer, wait=True)
   logging.info("eval: scored %d checkpoint(s); metrics in %s", n,
                os.path.join(workdir, "eval", "metrics.jsonl"))
 

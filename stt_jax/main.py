@@ -219,13 +219,13 @@ def one_line_errors(fn):
 
   def wrapped(argv):
     from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-    from stt_jax import sharding, train, train_data  # pylint: disable=g-import-not-at-top
+    from stt_jax import preflight, sharding, train, train_data  # pylint: disable=g-import-not-at-top
     from stt_jax.models import ConfigError, LoadError  # pylint: disable=g-import-not-at-top
     from stt_jax.models.safetensors_io import SafetensorsError  # pylint: disable=g-import-not-at-top
     from stt_jax.tasks import DataNotFoundError  # pylint: disable=g-import-not-at-top
     known = (config_lib.ConfigKeyError, ConfigError, LoadError, SafetensorsError,
              DataNotFoundError, train_data.DataError, sharding.ShardingError,
-             train.NonFiniteLossError)
+             train.NonFiniteLossError, preflight.PreflightError)
     try:
       return fn(argv)
     except known as e:
@@ -241,8 +241,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_logs()
   cfg, workdir = setup()
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-  tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+  from stt_jax import preflight  # pylint: disable=g-import-not-at-top
+  tokenizer = preflight.load_tokenizer(cfg.model.path)
+  preflight.check(cfg, workdir, tokenizer)
   stages = list(cfg.stages)
   if "translate" in stages:
     run_translate(cfg, workdir, tokenizer)
