@@ -13,6 +13,7 @@ merges the slices and writes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import json
@@ -25,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from stt_jax import scoring, sharding
+from stt_jax import faults, scoring, sharding
 from stt_jax import train as train_lib
 from stt_jax.checkpoint import Checkpoints
 from stt_jax.models import load_hf
@@ -64,31 +65,33 @@ class MetricsFile:
     self.path = os.path.join(self.dir, "metrics.jsonl")
     os.makedirs(self.dir, exist_ok=True)
 
-  def scored(self) -> set[tuple[str, int, str, str]]:
-    out = set()
+  def scored(self, metric_names: Sequence[str]) -> set[tuple[str, int, str, str]]:
+    """(variant, step, task, lang) keys that have a row for every one of `metric_names`; a
+    key whose rows a killed writer left incomplete is scored again."""
+    have = collections.defaultdict(set)
     if os.path.isfile(self.path):
       with open(self.path, encoding="utf-8") as f:
         for line in f:
           try:
             r = json.loads(line)
           except json.JSONDecodeError:
-            continue  # A torn last line of a killed writer: that checkpoint is rescored.
-          out.add((r["variant"], int(r["step"]), r["task"], r["lang"]))
-    return out
+            continue  # A torn last line of a killed writer.
+          have[(r["variant"], int(r["step"]), r["task"], r["lang"])].add(r["metric"])
+    return {k for k, names in have.items() if names >= set(metric_names)}
 
   def append(self, rows: Sequence[dict]) -> None:
+    """Appends whole rows; a torn last line left by a killed writer is cut off first."""
     if not rows:
       return
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    with open(self.path, "a+", encoding="utf-8") as f:
-      f.seek(0, os.SEEK_END)
-      if f.tell():  # Never glue a row onto a torn line left by a killed writer.
-        f.seek(f.tell() - 1)
-        if f.read(1) != "\n":
-          f.write("\n")
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
+    with open(self.path, "a+b") as f:
+      f.seek(0)
+      data = f.read()
+      if data and not data.endswith(b"\n"):
+        f.truncate(data.rfind(b"\n") + 1)
+        logging.warning("eval: %s: dropped a torn last line (interrupted run)", self.path)
+    with open(self.path, "a", encoding="utf-8") as f:
+      faults.write(f, text, "eval.append")
 
   @contextlib.contextmanager
   def lock(self):
@@ -109,7 +112,7 @@ def score_model(model, tokenizer, cfg, variant: str, step: int, workdir: str, me
                 metrics: MetricsFile) -> list[dict]:
   """Scores one model on every eval language not yet in metrics.jsonl; returns new rows."""
   task = get_task(cfg.task.name)
-  done = metrics.scored()
+  done = metrics.scored(task.metric_names)
   rows = []
   for lang in cfg.eval.langs:
     if (variant, step, task.name, lang) in done:
@@ -129,6 +132,7 @@ def score_model(model, tokenizer, cfg, variant: str, step: int, workdir: str, me
       continue
     per_example = [task.example_scores(p, r) for p, r in zip(preds, test)]
     _write_predictions(workdir, variant, step, task.name, lang, test, preds, per_example)
+    faults.point("eval.predictions_written")
     for name in task.metric_names:
       values = [s[name] for s in per_example]
       lo, hi = scoring.bootstrap_ci(values)
@@ -185,8 +189,8 @@ def _finished_step(workdir: str, variant: str) -> int | None:
 
 def pending(cfg, workdir: str, metrics: MetricsFile) -> list[tuple[str, int]]:
   """(variant, step) pairs with a finished checkpoint that some eval language still lacks."""
-  task = get_task(cfg.task.name).name
-  scored = metrics.scored()
+  task = get_task(cfg.task.name)
+  scored = metrics.scored(task.metric_names)
   out = []
   for variant in cfg.variants:
     ckpt_dir = os.path.join(run_dir(workdir, variant), "checkpoints")
@@ -197,7 +201,7 @@ def pending(cfg, workdir: str, metrics: MetricsFile) -> list[tuple[str, int]]:
       final = _finished_step(workdir, variant)
       steps = [s for s in steps if s == final]
     for step in steps:
-      if any((variant, step, task, lang) not in scored for lang in cfg.eval.langs):
+      if any((variant, step, task.name, lang) not in scored for lang in cfg.eval.langs):
         out.append((variant, step))
   return out
 
@@ -232,9 +236,11 @@ def run(cfg, workdir: str, tokenizer=None, *, wait: bool = True) -> int:
   dtype = cfg.model.dtype
   scored = 0
   if cfg.eval.base_model:
+    task = get_task(cfg.task.name)
     with metrics.lock():
-      todo = [(BASE, 0)] if any((BASE, 0, get_task(cfg.task.name).name, lang) not in
-                                metrics.scored() for lang in cfg.eval.langs) else []
+      done = metrics.scored(task.metric_names)
+      todo = [(BASE, 0)] if any((BASE, 0, task.name, lang) not in done
+                                for lang in cfg.eval.langs) else []
       if _agreed(cfg, todo):
         model, _ = load_hf(cfg.model.path, mesh=mesh, dtype=dtype,
                            param_dtype=cfg.model.param_dtype or None)
@@ -250,6 +256,7 @@ def run(cfg, workdir: str, tokenizer=None, *, wait: bool = True) -> int:
           continue  # Another evaluator scored it meanwhile.
         model, _ = train_lib.load_trained(cfg.model.path, run_dir(workdir, variant),
                                           _train_sections(cfg), mesh=mesh, step=step)
+        faults.point("eval.loaded")
         metrics.append(score_model(model, tokenizer, cfg, variant, step, workdir, mesh,
                                    metrics))
         scored += 1

@@ -21,6 +21,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from stt_jax import faults
+
 if os.getcwd() not in sys.path:  # `configs.base` resolves from the repository root.
   sys.path.insert(0, os.getcwd())
 
@@ -118,6 +120,7 @@ def run_translate(cfg, workdir, tokenizer) -> None:
                  stats.get("items"))
     import jax  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:
+      faults.point("main.translated")
       _write_json(marker, stamp)
 
 
@@ -149,6 +152,8 @@ def _read_json(path: str):
 def _write_json(path: str, obj) -> None:
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     json.dump(obj, f, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(path + ".tmp", path)
 
 
@@ -198,6 +203,7 @@ def run_train(cfg, workdir, tokenizer) -> None:
       sys.exit(143)
     import jax  # pylint: disable=g-import-not-at-top
     if jax.process_index() == 0:
+      faults.point("main.trained")
       _write_json(marker, {"step": result.step, "metrics": result.metrics})
     del result
 

@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from stt_jax import checkpoint, sharding, train_data
+from stt_jax import checkpoint, faults, sharding, train_data
 from stt_jax.models import hf_io, lora
 from stt_jax.models.decoder import CausalLM
 from stt_jax.tasks import Task, get_task
@@ -483,7 +483,10 @@ def _prepare_model(model_or_path, t: ml_collections.ConfigDict, mesh: Mesh) -> n
 
 
 class _MetricsLog:
-  """Append-only workdir/train/metrics.jsonl (process 0), one row per log step."""
+  """Append-only workdir/train/metrics.jsonl (process 0), one row per log step.
+
+  A resumed run first rewinds it to the restored step: rows logged after the last checkpoint
+  (and a torn last line) are dropped, so the steps trained again are not logged twice."""
 
   def __init__(self, path: str):
     self.path = path
@@ -491,19 +494,48 @@ class _MetricsLog:
     if self.writer:
       os.makedirs(os.path.dirname(path), exist_ok=True)
 
+  def rows(self) -> list[dict]:
+    """The complete rows (a torn last line of a killed writer is not one)."""
+    out = []
+    try:
+      with open(self.path, encoding="utf-8") as f:
+        for line in f:
+          if not line.endswith("\n"):
+            continue
+          try:
+            out.append(json.loads(line))
+          except json.JSONDecodeError:
+            continue
+    except OSError:
+      pass
+    return out
+
+  def rewind(self, step: int) -> None:
+    """Keeps the rows up to `step` (atomically rewritten only when something goes)."""
+    if not self.writer or not os.path.exists(self.path):
+      return
+    with open(self.path, encoding="utf-8") as f:
+      text = f.read()
+    keep = [r for r in self.rows() if r["step"] <= step]
+    new = "".join(json.dumps(r) + "\n" for r in keep)
+    if new != text:
+      logging.warning("train: %s: dropped rows after step %d (logged after the last "
+                      "checkpoint of an interrupted run)", self.path, step)
+      with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(new)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(self.path + ".tmp", self.path)
+
   def write(self, row: dict) -> None:
     if self.writer:
       with open(self.path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+        faults.write(f, json.dumps(row) + "\n", "train.log")
 
   def last(self) -> dict:
     """The newest complete row ({} if none), e.g. for a run that had already finished."""
-    try:
-      with open(self.path, encoding="utf-8") as f:
-        lines = [line for line in f if line.endswith("\n")]
-      return json.loads(lines[-1]) if lines else {}
-    except (OSError, json.JSONDecodeError):
-      return {}
+    rows = self.rows()
+    return rows[-1] if rows else {}
 
 
 def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
@@ -555,6 +587,7 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
   fpt = flops_per_token(model_config, t.seq_len, t.method) if model_config else None
   peak = peak_flops(jax.devices()[0].device_kind, t.peak_flops)
   log = _MetricsLog(os.path.join(workdir, "train", "metrics.jsonl"))
+  log.rewind(step)
   row = log.last() if step >= total else {}
   window = {"loss": [], "time": 0.0, "tokens": 0}
   bar = tqdm(total=total, initial=step, unit="step", desc="train", dynamic_ncols=True,
@@ -570,6 +603,7 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - start
         step += 1
+        faults.point("train.step")
         loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
         if not (math.isfinite(loss) and math.isfinite(gnorm) and metrics["params_finite"]):
           ckpts.wait()
@@ -591,7 +625,8 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
                           tok_s=f"{row['tokens_per_s'] or 0:.0f}")
           window = {"loss": [], "time": 0.0, "tokens": 0}
         meta = {"data": data.state, "step": step, "examples": sizes, "train": t.to_dict()}
-        ckpts.save(step, state, meta, force=step == total)
+        if ckpts.save(step, state, meta, force=step == total):
+          faults.point("train.save_started")
         if step < total and (preemption.requested or ckpts.reached_preemption(step)):
           ckpts.save(step, state, meta, force=True)
           logging.warning("train: preempted; saved step %d to %s", step, ckpts.directory)

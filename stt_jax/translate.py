@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from stt_jax import codeswitch
 from stt_jax import decode
+from stt_jax import faults
 from stt_jax import translate_filters as tf
 from stt_jax.tasks import get_task
 
@@ -260,9 +261,8 @@ class TranslationCache:
 
     def append(records: Sequence[dict]) -> None:
       with open(self.path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
+        faults.write(f, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                     "translate.append")
     return append
 
 
@@ -366,6 +366,7 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
     f.write(text)
     f.flush()
     os.fsync(f.fileno())
+  faults.point("translate.replace")
   os.replace(tmp, path)
 
 

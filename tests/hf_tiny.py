@@ -86,7 +86,8 @@ def tmp_model(tmp_path_factory, kind: str, **kw) -> str:
 
 def byte_tokenizer(out_dir: str | None = None):
   """A real HF fast tokenizer whose 256 tokens are the bytes (fits the tiny vocab): id 0 pad,
-  1 bos, 2 eos are the bytes 0-2, which never occur in normal text."""
+  1 bos, 2 eos, 3 unk are the bytes 0-3, which never occur in normal text (without an unk
+  token transformers would add one as id 256, outside the vocabulary)."""
   import tokenizers  # pylint: disable=g-import-not-at-top
   from tokenizers import decoders, models, pre_tokenizers
   from stt_jax.models.gguf_convert import bytes_to_unicode  # pylint: disable=g-import-not-at-top
@@ -98,7 +99,7 @@ def byte_tokenizer(out_dir: str | None = None):
   tok.decoder = decoders.ByteLevel()
   fast = transformers.PreTrainedTokenizerFast(
       tokenizer_object=tok, pad_token=byte_to_unicode[0], bos_token=byte_to_unicode[1],
-      eos_token=byte_to_unicode[2])
+      eos_token=byte_to_unicode[2], unk_token=byte_to_unicode[3])
   if out_dir:
     fast.save_pretrained(out_dir)
   return fast
