@@ -8,6 +8,8 @@ types, and bad enum values, each as one line naming the key, with the nearest va
 from __future__ import annotations
 
 import difflib
+import re
+import sysconfig
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +18,27 @@ import ml_collections
 
 class ConfigKeyError(ValueError):
   """A config that does not fit the schema."""
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)(?:, in \S+)?\n[ \t]*(\S[^\n]*)')
+_LIBRARY = ("site-packages", "dist-packages", sysconfig.get_paths()["stdlib"])
+
+
+def config_file_error(text: str) -> str | None:
+  """One line for an exception raised while a config file ran, or None for other flag errors.
+
+  absl reports those with the whole traceback inside the flag error; the useful parts are the
+  config file's line (which names the key) and the exception's last line.
+  """
+  if "Error whilst parsing config file" not in text:
+    return None
+  frames = [m for m in _FRAME.finditer(text) if not any(lib in m.group(1) for lib in _LIBRARY)]
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  where = ""
+  if frames:
+    path, line, code = frames[-1].groups()
+    where = f"{path}:{line}: {code}: "
+  return f"config: {where}{lines[-1]}"
 
 
 def flatten(cfg: Mapping, prefix: str = "") -> dict[str, Any]:

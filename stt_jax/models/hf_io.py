@@ -135,6 +135,17 @@ class _WeightFiles:
       f.close()
 
 
+def check_weights(path: str | os.PathLike) -> None:
+  """Reads every weight file's header (not its data): a corrupt, truncated or pickle-only
+  folder fails in milliseconds, before a run compiles anything."""
+  files = _WeightFiles(os.fspath(path))
+  try:
+    for fname in sorted(set((files.weight_map or {}).values())):
+      files._file(fname)  # pylint: disable=protected-access
+  finally:
+    files.close()
+
+
 def abstract_model(config: ModelConfig, dtype="float32", param_dtype=None,
                    mesh: Mesh | None = None) -> CausalLM:
   """The model with ShapeDtypeStruct leaves: no memory allocated."""
