@@ -93,4 +93,5 @@ def validate(cfg: ml_collections.ConfigDict, schema: ml_collections.ConfigDict,
     values = have.get(key)
     for v in values if isinstance(values, (list, tuple)) else [values]:
       if v not in allowed:
-        raise ConfigKeyError(f"config: '{key}' = {v!r} is not one of {', '.join(map(str, allowed))}")
+        raise ConfigKeyError(
+            f"config: '{key}' = {v!r} is not one of {', '.join(map(str, allowed))}")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 # Config values that become part of an output path must be plain names: no separators, no
 # '..', so nothing a config says can write outside the workdir.
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Files that make a folder's tokenizer complete without running code (data, not Python).
 _TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"),
                     ("vocab.txt",))
@@ -107,7 +107,7 @@ def check_names(cfg) -> None:
   values += [("eval.langs", v) for v in cfg.eval.langs]
   values += [("variants", v) for v in cfg.variants]
   for key, value in values:
-    if not isinstance(value, str) or not _PLAIN_NAME.match(value) or ".." in value:
+    if not isinstance(value, str) or not _PLAIN_NAME.fullmatch(value) or ".." in value:
       raise PreflightError(f"config: {key} has {value!r}, which is not a plain name (letters, "
                            "digits, '_', '-', '.'; no '/' or '..'); values become file names "
                            "inside the workdir")
