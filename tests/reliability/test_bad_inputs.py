@@ -259,3 +259,22 @@ def test_too_few_exemplars(tiny_model, tmp_path):
   proc = run(workdir, tiny_model, "--config.translate.shots=100000")
   assert_one_line_error(proc, "translate.shots=100000 but the xnli exemplar pool for 'zh' has",
                         workdir)
+
+
+def test_sharded_folder_checked_shard_by_shard(tiny_model, tmp_path):
+  """Every shard's header is read before any stage (not only the first file a load touches)."""
+  from stt_jax import preflight  # pylint: disable=g-import-not-at-top
+  from stt_jax.models import LoadError, load_hf, save_hf  # pylint: disable=g-import-not-at-top
+  from stt_jax.models.safetensors_io import SafetensorsError  # pylint: disable=g-import-not-at-top
+  folder = str(tmp_path / "sharded")
+  save_hf(*load_hf(tiny_model), folder, tokenizer_dir=tiny_model, max_shard_bytes=100_000)
+  with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+    shards = sorted(set(json.load(f)["weight_map"].values()))
+  assert len(shards) > 2
+  preflight.load_tokenizer(folder)
+  overwrite(shards[-1], b"\xff" * 8)(folder)
+  with pytest.raises(SafetensorsError, match=f"{shards[-1]}: corrupt safetensors header"):
+    preflight.load_tokenizer(folder)
+  os.remove(os.path.join(folder, shards[-1]))
+  with pytest.raises(LoadError, match=f"{shards[-1]}: listed in model.safetensors.index.json"):
+    preflight.load_tokenizer(folder)
