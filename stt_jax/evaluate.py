@@ -72,10 +72,12 @@ class MetricsFile:
     if os.path.isfile(self.path):
       with open(self.path, encoding="utf-8") as f:
         for line in f:
+          if not line.endswith("\n"):
+            continue  # A torn last line of a killed writer (even if it parses).
           try:
             r = json.loads(line)
           except json.JSONDecodeError:
-            continue  # A torn last line of a killed writer.
+            continue
           have[(r["variant"], int(r["step"]), r["task"], r["lang"])].add(r["metric"])
     return {k for k, names in have.items() if names >= set(metric_names)}
 
@@ -277,7 +279,7 @@ def _main(argv):
   cfg, workdir = main_lib.setup()
   from stt_jax import preflight  # pylint: disable=g-import-not-at-top
   tokenizer = preflight.load_tokenizer(cfg.model.path)
-  preflight.check(cfg, workdir, tokenizer)
+  preflight.check(cfg, workdir, tokenizer, stages=("eval",))
   n = run(cfg, workdir, tokenizer, wait=True)
   logging.info("eval: scored %d checkpoint(s); metrics in %s", n,
                os.path.join(workdir, "eval", "metrics.jsonl"))

@@ -11,6 +11,7 @@ files import `configs.base`). Multi-host (TPU pod slices): run the same command 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -190,8 +191,10 @@ def run_train(cfg, workdir, tokenizer) -> None:
     if variant != "zero_shot":
       missing = [l for l in cfg.task.target_langs if not _translated(workdir, cfg, l)]
       if missing:
-        raise RuntimeError(f"main: variant {variant} needs translations for {missing}; run the "
-                           "'translate' stage first (config.stages)")
+        from stt_jax import preflight  # pylint: disable=g-import-not-at-top
+        raise preflight.PreflightError(
+            f"main: variant {variant} needs translations for {missing}; run the 'translate' "
+            "stage first (config.stages)")
     rows = rows if rows is not None else rows_by_source(cfg, workdir)
     sections = ml_collections.ConfigDict({"train": cfg.train.to_dict(),
                                           "checkpoint": cfg.checkpoint.to_dict()})
@@ -237,8 +240,28 @@ def one_line_errors(fn):
     except known as e:
       sys.stderr.write(f"error: {e}\n")
       sys.exit(1)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      full = disk_full(e)
+      if full is None:
+        raise
+      sys.stderr.write(f"error: disk full while writing {full.filename or 'an output'} "
+                       f"({full.strerror}); free space or move --workdir, then rerun the same "
+                       "command: finished work is kept\n")
+      sys.exit(1)
 
   return wrapped
+
+
+def disk_full(error: BaseException) -> OSError | None:
+  """The OSError saying the disk (or quota, or file size limit) is full, if that is what
+  `error` or anything it was raised from is."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
 
 
 @one_line_errors
@@ -290,7 +313,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         near = config_lib.nearest(key, sorted(config_lib.flatten(base.get_config())))
         msg = f"config: unknown key '{key}' (from {override}){near}"
       else:
-        msg = "config: " + " ".join(text.replace("\\n", " ").split())[:500]
+        from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+        msg = config_lib.config_file_error(text) or (
+            "config: " + " ".join(text.replace("\\n", " ").split())[:500])
     sys.stderr.write(msg + "\n")
     sys.exit(2)
 

@@ -29,8 +29,8 @@ def read_metrics(paths: Iterable[str]) -> list[dict]:
       continue
     with open(path, encoding="utf-8") as f:
       for k, line in enumerate(f, 1):
-        if not line.strip():
-          continue
+        if not line.strip() or not line.endswith("\n"):
+          continue  # A torn last line of a writer still running (or killed).
         try:
           rows.append(json.loads(line))
         except json.JSONDecodeError:

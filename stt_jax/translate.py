@@ -237,11 +237,13 @@ class TranslationCache:
     for path in self.parts():
       with open(path, encoding="utf-8") as f:
         for line in f:
+          if not line.endswith("\n"):
+            continue  # A torn last line of an interrupted write (even if it parses).
           try:
             record = json.loads(line)
             records[_key(record)] = record
           except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # A torn line from an interrupted write.
+            continue
     return records
 
   def _repair(self) -> None:
