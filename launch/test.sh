@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The test command: sets everything up, then runs the fast suite and the slow real-model suite.
-#   bash launch/test.sh          # fast suite, then fetch the 0.5B Qwen (cached) and slow suite
+# The test command: sets everything up, then runs the fast suite, the fault-injection suite
+# and the slow real-model suite.
+#   bash launch/test.sh          # all three (fetches the 0.5B Qwen once, then cached)
 #   bash launch/test.sh fast     # fast suite only (tiny random models; no download)
+#   bash launch/test.sh faults   # kill -9 / torn-write / disk-full suite (tests/reliability)
 #   bash launch/test.sh slow     # slow suite only
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +12,9 @@ bash launch/setup.sh
 what=${1:-all}
 if [ "$what" = all ] || [ "$what" = fast ]; then
   python -m pytest -q
+fi
+if [ "$what" = all ] || [ "$what" = faults ]; then
+  python -m pytest -q -m faults
 fi
 if [ "$what" = all ] || [ "$what" = slow ]; then
   python -m stt_jax.models.fetch_demo

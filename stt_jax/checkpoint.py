@@ -24,6 +24,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint step that exists but cannot be read (truncated or corrupt files)."""
+
+
 class Checkpoints:
   """A thin wrapper of `ocp.CheckpointManager` with the save/restore policy of training."""
 
@@ -97,7 +101,8 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-exception-caught
         if step is not None:
-          raise
+          raise CheckpointError(f"checkpoints: step {s} in {self.directory} cannot be restored "
+                                f"({type(e).__name__}: {str(e)[:300]})") from e
         logging.warning("checkpoints: step %d in %s cannot be restored (%s: %s); %s and trying "
                         "the previous one", s, self.directory, type(e).__name__, str(e)[:300],
                         "skipping it" if self.read_only else

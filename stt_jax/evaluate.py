@@ -28,7 +28,7 @@ import numpy as np
 
 from stt_jax import faults, scoring, sharding
 from stt_jax import train as train_lib
-from stt_jax.checkpoint import Checkpoints
+from stt_jax.checkpoint import CheckpointError
 from stt_jax.models import load_hf
 from stt_jax.tasks import get_task
 
@@ -250,21 +250,29 @@ def run(cfg, workdir: str, tokenizer=None, *, wait: bool = True) -> int:
         scored += 1
         del model
   deadline = time.time() + cfg.eval.timeout_hours * 3600
+  unreadable = set()  # Corrupt checkpoints: skipped by this process (a rerun tries again).
+  todo = lambda: [k for k in pending(cfg, workdir, metrics) if k not in unreadable]
   while True:
-    for variant, step in _agreed(cfg, pending(cfg, workdir, metrics)):
+    for variant, step in _agreed(cfg, todo()):
       with metrics.lock():
-        if not _agreed(cfg, [(variant, step)] if (variant, step) in
-                       pending(cfg, workdir, metrics) else []):
+        if not _agreed(cfg, [(variant, step)] if (variant, step) in todo() else []):
           continue  # Another evaluator scored it meanwhile.
-        model, _ = train_lib.load_trained(cfg.model.path, run_dir(workdir, variant),
-                                          _train_sections(cfg), mesh=mesh, step=step)
+        try:
+          model, _ = train_lib.load_trained(cfg.model.path, run_dir(workdir, variant),
+                                            _train_sections(cfg), mesh=mesh, step=step)
+        except CheckpointError as e:
+          logging.warning("eval: skipping %s@%d: %s. Rerun the train stage (delete %s first) "
+                          "to write it again", variant, step, e,
+                          done_marker(workdir, variant))
+          unreadable.add((variant, step))
+          continue
         faults.point("eval.loaded")
         metrics.append(score_model(model, tokenizer, cfg, variant, step, workdir, mesh,
                                    metrics))
         scored += 1
         del model
     finished = all(_finished_step(workdir, v) is not None for v in cfg.variants)
-    if not wait or (finished and not _agreed(cfg, pending(cfg, workdir, metrics))):
+    if not wait or (finished and not _agreed(cfg, todo())):
       return scored
     if time.time() > deadline:
       raise TimeoutError(f"eval: training did not finish within eval.timeout_hours="

@@ -252,14 +252,23 @@ def one_line_errors(fn):
   return wrapped
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def disk_full(error: BaseException) -> OSError | None:
-  """The OSError saying the disk (or quota, or file size limit) is full, if that is what
-  `error` or anything it was raised from is."""
+  """An OSError saying the disk (or quota, or file size limit) is full, if that is what
+  `error` or anything it was raised from is. Checkpoint writes fail inside tensorstore, which
+  raises ValueError("... Failed writing: "<path>" ... [os_error_code='28']"): read that too."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if isinstance(error, OSError) and error.errno in _FULL:
       return error
+    code = re.search(r"os_error_code='(\d+)'", str(error))
+    if code and int(code.group(1)) in _FULL:
+      path = re.search(r'Failed writing: "([^"]+)"', str(error))
+      return OSError(int(code.group(1)), os.strerror(int(code.group(1))),
+                     path.group(1) if path else None)
     error = error.__cause__ or error.__context__
   return None
 

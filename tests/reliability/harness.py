@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ TASK_LANG = "xnli_zh"
 VARIANTS = ("zero_shot", "self_translate", "self_translate_cs")
 # Async saves, so that a kill can land while a checkpoint is being written.
 COMMON = ("--config.checkpoint.async_save=True",)
+STAGES = ("translate", "train", "eval")
 STAGE_OUTPUTS = {"translate": ("translations",), "train": ("runs",), "eval": ("eval",)}
 WRITE_POINTS = {"translate": "translate.append", "train": "train.log", "eval": "eval.append"}
 
@@ -44,15 +46,21 @@ def command(workdir: str, model: str, stage: str, *extra: str) -> list[str]:
 
 
 def run(workdir: str, model: str, stage: str, *extra: str, fault: str | None = None,
-        trace: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-  """One stage in a fresh process; `fault` = STT_JAX_FAULT (see stt_jax/faults.py)."""
+        trace: str | None = None, max_file_bytes: int | None = None,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+  """One stage in a fresh process; `fault` = STT_JAX_FAULT (see stt_jax/faults.py);
+  `max_file_bytes`: the kernel refuses to grow any file past it (RLIMIT_FSIZE; Python
+  ignores SIGXFSZ, so the write fails with EFBIG, like a full disk)."""
   more = {}
   if fault:
     more["STT_JAX_FAULT"] = fault
   if trace:
     more["STT_JAX_FAULT_TRACE"] = trace
+  limit = None
+  if max_file_bytes:
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes,) * 2)
   return subprocess.run(command(workdir, model, stage, *extra), cwd=ROOT, env=env(**more),
-                        capture_output=True, text=True, timeout=timeout)
+                        capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
 
 
 def run_killed_after(workdir: str, model: str, stage: str, seconds: float
@@ -271,3 +279,16 @@ def record(name: str, **fields) -> None:
   if path:
     with open(path, "a", encoding="utf-8") as f:
       f.write(json.dumps({"case": name, "time": time.time(), **fields}) + "\n")
+
+
+OUTPUTS = {"translate": translate_outputs, "train": train_outputs, "eval": eval_outputs}
+
+
+def assert_same(stage: str, got: dict, want: dict) -> None:
+  """A stage's outputs equal the reference's (up to float noise for train/eval numbers)."""
+  if stage == "train":
+    assert_same_train(got, want)
+  elif stage == "eval":
+    assert_same_eval(got, want)
+  else:
+    assert got == want

@@ -128,6 +128,13 @@ def test_wrong_type_in_config_file_is_one_line(tmp_path):
   assert config_lib.config_file_error("flag --config.x=1: unknown") is None
 
 
+def test_wrong_type_in_config_file_end_to_end(tiny_model, tmp_path):
+  workdir = str(tmp_path / "w")
+  path = _config_file(tmp_path, "c.train.lr = 'fast'")
+  proc = run(workdir, tiny_model, config=path)
+  assert_one_line_error(proc, f"config: {path}:6: c.train.lr = 'fast': TypeError", workdir)
+
+
 def test_mesh_that_does_not_divide_the_devices(tiny_model, tmp_path):
   workdir = str(tmp_path / "w")
   proc = run(workdir, tiny_model, "--config.mesh.fsdp=3")
