@@ -9,8 +9,8 @@ train step, after a checkpoint save starts...) and writes its append-only output
       torn    at a write point: write half of the bytes, fsync, then SIGKILL
       enospc  at a write point: write half of the bytes, then raise OSError(ENOSPC), as a
               full disk does
-  STT_JAX_FAULT_TRACE=<file>          append every point passed to <file> (one name a line),
-      so a test can pick seeded random points from what a real run goes through.
+  STT_JAX_FAULT_TRACE=<file>          append every point passed to <file> ("<name> <unix time>"
+      a line), so a test can pick seeded random points from what a real run goes through.
 
 Unset (every real run), a point costs one dict lookup.
 """
@@ -21,6 +21,7 @@ import collections
 import errno
 import os
 import signal
+import time
 from typing import IO
 
 _counts: collections.Counter = collections.Counter()
@@ -51,7 +52,7 @@ def _hit(name: str) -> str | None:
     _load()
   if _trace:
     with open(_trace, "a", encoding="utf-8") as f:
-      f.write(name + "\n")
+      f.write(f"{name} {time.time():.3f}\n")
   if _target is None or _target[0] != name:
     return None
   _counts[name] += 1

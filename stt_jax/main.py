@@ -244,10 +244,14 @@ def one_line_errors(fn):
       full = disk_full(e)
       if full is None:
         raise
+      sys.stdout.flush()
       sys.stderr.write(f"error: disk full while writing {full.filename or 'an output'} "
                        f"({full.strerror}); free space or move --workdir, then rerun the same "
                        "command: finished work is kept\n")
-      sys.exit(1)
+      sys.stderr.flush()
+      # Every finished output is already fsync'd; exit now, so the threads of a failed async
+      # checkpoint save cannot print shutdown noise after this line.
+      os._exit(1)  # pylint: disable=protected-access
 
   return wrapped
 

@@ -109,8 +109,8 @@ def test_kill_sigterm_resume_reproduces_uninterrupted_run(tmp_path_factory):
 
   assert _finish(_start(model, run_dir, cache)) == [str(STEPS), "False"]  # 3. To the end.
   rows = read_metrics(metrics)
-  assert {r["step"] for r in rows} == set(reference)
-  assert len(rows) > STEPS, "some steps ran twice (after the kill)"
+  # Steps retrained after the kill are logged once: the log is rewound to the restored step.
+  assert [r["step"] for r in rows] == sorted(reference)
   for r in rows:
     want = reference[r["step"]]
     assert (r["loss"], r["grad_norm"], r["lr"]) == (want["loss"], want["grad_norm"], want["lr"]), r

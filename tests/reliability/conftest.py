@@ -1,6 +1,6 @@
 """Fixtures of the fault suites: one tiny model and one uninterrupted reference run, shared."""
 
-import os
+import time
 
 import pytest
 
@@ -9,21 +9,25 @@ from tests.reliability import harness
 
 
 @pytest.fixture(scope="session")
-def faults_model(tmp_path_factory):
-  return make_tiny_model.main(str(tmp_path_factory.mktemp("faults_model")))
+def tiny_model(tmp_path_factory):
+  """The random tiny model folder (tests/make_tiny_model.py) every reliability test alters
+  copies of or runs."""
+  return make_tiny_model.main(str(tmp_path_factory.mktemp("tiny_model")))
 
 
 @pytest.fixture(scope="session")
-def reference(faults_model, tmp_path_factory):
+def reference(tiny_model, tmp_path_factory):
   """An uninterrupted run, stage by stage: outputs, the fault points passed, durations."""
   root = tmp_path_factory.mktemp("reference")
   workdir = str(root / "run")
-  out = {"workdir": workdir, "traces": {}, "seconds": {}, "outputs": {}}
+  out = {"workdir": workdir, "traces": {}, "work_window": {}, "outputs": {}}
   for stage in harness.STAGES:
     trace = str(root / f"{stage}.trace")
-    start = os.times().elapsed
-    harness.check_ok(harness.run(workdir, faults_model, stage, trace=trace))
-    out["seconds"][stage] = os.times().elapsed - start
-    out["traces"][stage] = harness.read_trace(trace)
+    start = time.time()
+    harness.check_ok(harness.run(workdir, tiny_model, stage, trace=trace))
+    points = harness.read_trace(trace)
+    # Seconds from launch to the first fault point (start-up, loading) and to the end.
+    out["work_window"][stage] = (points[0][1] - start, time.time() - start)
+    out["traces"][stage] = [name for name, _ in points]
     out["outputs"][stage] = harness.OUTPUTS[stage](workdir)
   return out

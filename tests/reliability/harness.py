@@ -12,7 +12,6 @@ import glob
 import hashlib
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -56,11 +55,13 @@ def run(workdir: str, model: str, stage: str, *extra: str, fault: str | None = N
     more["STT_JAX_FAULT"] = fault
   if trace:
     more["STT_JAX_FAULT_TRACE"] = trace
-  limit = None
-  if max_file_bytes:
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes,) * 2)
-  return subprocess.run(command(workdir, model, stage, *extra), cwd=ROOT, env=env(**more),
-                        capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
+  cmd = command(workdir, model, stage, *extra)
+  if max_file_bytes:  # Set in a tiny launcher that then execs the stage (no fork hooks).
+    cmd = [sys.executable, "-c", "import os, resource, sys; resource.setrlimit("
+           f"resource.RLIMIT_FSIZE, ({max_file_bytes}, {max_file_bytes})); "
+           "os.execv(sys.executable, [sys.executable] + sys.argv[1:])", *cmd[1:]]
+  return subprocess.run(cmd, cwd=ROOT, env=env(**more), capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def run_killed_after(workdir: str, model: str, stage: str, seconds: float
@@ -93,9 +94,10 @@ def prepare(reference: str, workdir: str, stage: str) -> None:
 # ------------------------------------------------------------------------------ points
 
 
-def read_trace(path: str) -> list[str]:
+def read_trace(path: str) -> list[tuple[str, float]]:
+  """(point, unix time) of every fault point a run passed, in order."""
   with open(path, encoding="utf-8") as f:
-    return f.read().split()
+    return [(name, float(t)) for name, t in (line.split() for line in f)]
 
 
 def pick_points(trace: list[str], k: int, rng: np.random.Generator) -> list[str]:

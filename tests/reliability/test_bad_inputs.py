@@ -13,8 +13,6 @@ import sys
 
 import pytest
 
-from tests import make_tiny_model
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -40,11 +38,6 @@ def assert_one_line_error(proc, phrase, workdir=None):
   if workdir is not None and os.path.isdir(workdir):
     assert set(os.listdir(workdir)) <= {"config.json"}, os.listdir(workdir)
   assert "compiling" not in proc.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-  return make_tiny_model.main(str(tmp_path_factory.mktemp("tiny_model")))
 
 
 def altered(model, dest, edit):

@@ -27,14 +27,14 @@ def _damage(step_dir: str, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncated", "half_written"])
 def test_train_skips_a_damaged_checkpoint_and_resumes_from_the_previous(
-    how, reference, faults_model, tmp_path):
+    how, reference, tiny_model, tmp_path):
   workdir = str(tmp_path / "run")
   harness.prepare(reference["workdir"], workdir, "eval")  # Translated and trained.
   run_dir = os.path.join(workdir, "runs", "zero_shot")
   _damage(os.path.join(run_dir, "checkpoints", "4"), how)
   os.remove(os.path.join(run_dir, "train_done.json"))  # As if stopped before finishing.
 
-  proc = harness.run(workdir, faults_model, "train")
+  proc = harness.run(workdir, tiny_model, "train")
   harness.check_ok(proc)
   assert "step 4 in" in proc.stderr and "cannot be restored" in proc.stderr, proc.stderr[-3000:]
   assert "resumed from step 2" in proc.stderr
@@ -44,12 +44,12 @@ def test_train_skips_a_damaged_checkpoint_and_resumes_from_the_previous(
   harness.record("checkpoint_damage", stage="train", fault=how, lost_bytes=0)
 
 
-def test_eval_skips_a_damaged_checkpoint_with_a_warning(reference, faults_model, tmp_path):
+def test_eval_skips_a_damaged_checkpoint_with_a_warning(reference, tiny_model, tmp_path):
   workdir = str(tmp_path / "run")
   harness.prepare(reference["workdir"], workdir, "eval")
   _damage(os.path.join(workdir, "runs", "zero_shot", "checkpoints", "4"), "truncated")
 
-  proc = harness.run(workdir, faults_model, "eval")
+  proc = harness.run(workdir, tiny_model, "eval")
   harness.check_ok(proc)
   assert "eval: skipping zero_shot@4: checkpoints: step 4 in" in proc.stderr, proc.stderr[-3000:]
   got = harness.eval_outputs(workdir)

@@ -7,7 +7,6 @@ from outside after a seeded random delay. A full disk (ENOSPC at a write) must e
 error line with the earlier outputs intact.
 """
 
-import os
 import shutil
 
 import numpy as np
@@ -35,29 +34,30 @@ def _fault(stage: str, case: str, trace: list[str]) -> str:
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("stage", STAGES)
-def test_kill_then_rerun_equals_uninterrupted(stage, case, reference, faults_model, tmp_path):
+def test_kill_then_rerun_equals_uninterrupted(stage, case, reference, tiny_model, tmp_path):
   workdir = str(tmp_path / "run")
   harness.prepare(reference["workdir"], workdir, stage)
   if case == "external":
     rng = np.random.default_rng([SEED, STAGES.index(stage), 7])
-    delay = float(rng.uniform(0.3, 0.9)) * reference["seconds"][stage]
+    begin, end = reference["work_window"][stage]  # Kill while the stage works.
+    delay = begin + float(rng.uniform(0.05, 0.95)) * (end - begin)
     for _ in range(4):  # A faster machine may finish first: start again, kill sooner.
-      killed = harness.run_killed_after(workdir, faults_model, stage, delay)
+      killed = harness.run_killed_after(workdir, tiny_model, stage, delay)
       if killed.returncode == -9:
         break
       harness.check_ok(killed)
       shutil.rmtree(workdir)
       harness.prepare(reference["workdir"], workdir, stage)
-      delay *= 0.5
+      delay = begin + (delay - begin) * 0.5
     assert killed.returncode == -9, f"finished within {delay:.1f}s every time"
     fault = f"SIGKILL after {delay:.1f}s"
   else:
     fault = _fault(stage, case, reference["traces"][stage])
-    killed = harness.run(workdir, faults_model, stage, fault=fault)
+    killed = harness.run(workdir, tiny_model, stage, fault=fault)
     assert killed.returncode == -9, (fault, killed.returncode, killed.stderr[-3000:])
   finished = harness.finished_work(workdir)
 
-  rerun = harness.run(workdir, faults_model, stage)
+  rerun = harness.run(workdir, tiny_model, stage)
   harness.check_ok(rerun)
   harness.assert_same(stage, harness.OUTPUTS[stage](workdir), reference["outputs"][stage])
   lost = harness.lost_bytes(finished, workdir)
@@ -69,13 +69,13 @@ def test_kill_then_rerun_equals_uninterrupted(stage, case, reference, faults_mod
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_disk_full_is_one_line_and_keeps_earlier_outputs(stage, reference, faults_model,
+def test_disk_full_is_one_line_and_keeps_earlier_outputs(stage, reference, tiny_model,
                                                          tmp_path):
   workdir = str(tmp_path / "run")
   harness.prepare(reference["workdir"], workdir, stage)
   point = harness.WRITE_POINTS[stage]
   fault = f"{point}:{reference['traces'][stage].count(point)}:enospc"  # The last write.
-  proc = harness.run(workdir, faults_model, stage, fault=fault)
+  proc = harness.run(workdir, tiny_model, stage, fault=fault)
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
@@ -84,27 +84,27 @@ def test_disk_full_is_one_line_and_keeps_earlier_outputs(stage, reference, fault
   finished = harness.finished_work(workdir)
   assert any(finished.lines.values())  # Earlier appends are there, whole.
 
-  harness.check_ok(harness.run(workdir, faults_model, stage))  # Space freed: rerun.
+  harness.check_ok(harness.run(workdir, tiny_model, stage))  # Space freed: rerun.
   harness.assert_same(stage, harness.OUTPUTS[stage](workdir), reference["outputs"][stage])
   assert harness.lost_bytes(finished, workdir) == 0
   harness.record("disk_full", stage=stage, fault=fault, message=last, lost_bytes=0)
 
 
-def test_checkpoint_write_past_the_file_size_limit_is_one_line(reference, faults_model,
+def test_checkpoint_write_past_the_file_size_limit_is_one_line(reference, tiny_model,
                                                                tmp_path):
   """A real kernel refusal inside orbax/tensorstore (the checkpoint's array data file is the
   only file over 40 kB): one error line, translations intact, rerun completes."""
   workdir = str(tmp_path / "run")
   harness.prepare(reference["workdir"], workdir, "train")
   before = harness.translate_outputs(workdir)
-  proc = harness.run(workdir, faults_model, "train", max_file_bytes=40_000)
+  proc = harness.run(workdir, tiny_model, "train", max_file_bytes=40_000)
   assert proc.returncode == 1, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: disk full while writing "), last
   assert "/checkpoints/" in last and "(File too large)" in last, last
   assert harness.translate_outputs(workdir) == before
 
-  harness.check_ok(harness.run(workdir, faults_model, "train"))
+  harness.check_ok(harness.run(workdir, tiny_model, "train"))
   harness.assert_same("train", harness.train_outputs(workdir), reference["outputs"]["train"])
   harness.record("disk_full", stage="train", fault="RLIMIT_FSIZE=40000 (EFBIG in tensorstore)",
                  message=last, lost_bytes=0)

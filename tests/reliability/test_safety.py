@@ -15,7 +15,6 @@ import shutil
 import pytest
 
 from tests.reliability.test_bad_inputs import ROOT, assert_one_line_error, run
-from tests.reliability.test_bad_inputs import tiny_model  # pylint: disable=unused-import
 
 _CODE = "import pathlib\npathlib.Path({sentinel!r}).write_text('code from the model folder ran')\n"
 
