@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from stt_jax import faults, scoring, sharding
+from stt_jax import appendlog, faults, scoring, sharding
 from stt_jax import train as train_lib
 from stt_jax.checkpoint import CheckpointError
 from stt_jax.models import load_hf
@@ -69,31 +69,15 @@ class MetricsFile:
     """(variant, step, task, lang) keys that have a row for every one of `metric_names`; a
     key whose rows a killed writer left incomplete is scored again."""
     have = collections.defaultdict(set)
-    if os.path.isfile(self.path):
-      with open(self.path, encoding="utf-8") as f:
-        for line in f:
-          if not line.endswith("\n"):
-            continue  # A torn last line of a killed writer (even if it parses).
-          try:
-            r = json.loads(line)
-          except json.JSONDecodeError:
-            continue
-          have[(r["variant"], int(r["step"]), r["task"], r["lang"])].add(r["metric"])
+    for r in appendlog.records(self.path):
+      have[(r["variant"], int(r["step"]), r["task"], r["lang"])].add(r["metric"])
     return {k for k, names in have.items() if names >= set(metric_names)}
 
   def append(self, rows: Sequence[dict]) -> None:
     """Appends whole rows; a torn last line left by a killed writer is cut off first."""
-    if not rows:
-      return
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    with open(self.path, "a+b") as f:
-      f.seek(0)
-      data = f.read()
-      if data and not data.endswith(b"\n"):
-        f.truncate(data.rfind(b"\n") + 1)
-        logging.warning("eval: %s: dropped a torn last line (interrupted run)", self.path)
-    with open(self.path, "a", encoding="utf-8") as f:
-      faults.write(f, text, "eval.append")
+    if rows:
+      appendlog.cut_torn_tail(self.path)
+      appendlog.append(self.path, rows, "eval.append")
 
   @contextlib.contextmanager
   def lock(self):

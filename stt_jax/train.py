@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from stt_jax import checkpoint, faults, sharding, train_data
+from stt_jax import appendlog, checkpoint, faults, sharding, train_data
 from stt_jax.models import hf_io, lora
 from stt_jax.models.decoder import CausalLM
 from stt_jax.tasks import Task, get_task
@@ -496,19 +496,7 @@ class _MetricsLog:
 
   def rows(self) -> list[dict]:
     """The complete rows (a torn last line of a killed writer is not one)."""
-    out = []
-    try:
-      with open(self.path, encoding="utf-8") as f:
-        for line in f:
-          if not line.endswith("\n"):
-            continue
-          try:
-            out.append(json.loads(line))
-          except json.JSONDecodeError:
-            continue
-    except OSError:
-      pass
-    return out
+    return appendlog.records(self.path)
 
   def rewind(self, step: int) -> None:
     """Keeps the rows up to `step` (atomically rewritten only when something goes)."""
@@ -517,7 +505,7 @@ class _MetricsLog:
     with open(self.path, encoding="utf-8") as f:
       text = f.read()
     keep = [r for r in self.rows() if r["step"] <= step]
-    new = "".join(json.dumps(r) + "\n" for r in keep)
+    new = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
     if new != text:
       logging.warning("train: %s: dropped rows after step %d (logged after the last "
                       "checkpoint of an interrupted run)", self.path, step)
@@ -529,8 +517,7 @@ class _MetricsLog:
 
   def write(self, row: dict) -> None:
     if self.writer:
-      with open(self.path, "a", encoding="utf-8") as f:
-        faults.write(f, json.dumps(row) + "\n", "train.log")
+      appendlog.append(self.path, [row], "train.log")
 
   def last(self) -> dict:
     """The newest complete row ({} if none), e.g. for a run that had already finished."""

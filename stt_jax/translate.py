@@ -35,6 +35,7 @@ import ml_collections
 from ml_collections import config_dict
 from tqdm.auto import tqdm
 
+from stt_jax import appendlog
 from stt_jax import codeswitch
 from stt_jax import decode
 from stt_jax import faults
@@ -235,37 +236,18 @@ class TranslationCache:
     """All complete records of all parts (later parts win on a duplicate key)."""
     records = {}
     for path in self.parts():
-      with open(path, encoding="utf-8") as f:
-        for line in f:
-          if not line.endswith("\n"):
-            continue  # A torn last line of an interrupted write (even if it parses).
-          try:
-            record = json.loads(line)
-            records[_key(record)] = record
-          except (json.JSONDecodeError, KeyError, TypeError):
-            continue
+      for record in appendlog.records(path):
+        try:
+          records[_key(record)] = record
+        except (KeyError, TypeError):
+          continue
     return records
-
-  def _repair(self) -> None:
-    """Cuts an unterminated last line, so appends start on a fresh line."""
-    if not self.path.exists():
-      return
-    with open(self.path, "rb+") as f:
-      data = f.read()
-      if data and not data.endswith(b"\n"):
-        f.truncate(data.rfind(b"\n") + 1)
-        log.warning("%s: dropped a torn last line (interrupted run)", self.path)
 
   def appender(self) -> Callable[[Sequence[dict]], None]:
     """A function that appends records and makes them durable (flush + fsync) per call."""
     self.dir.mkdir(parents=True, exist_ok=True)
-    self._repair()
-
-    def append(records: Sequence[dict]) -> None:
-      with open(self.path, "a", encoding="utf-8") as f:
-        faults.write(f, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                     "translate.append")
-    return append
+    appendlog.cut_torn_tail(self.path)
+    return lambda records: appendlog.append(self.path, records, "translate.append")
 
 
 # ------------------------------------------------------------------------------ decoding

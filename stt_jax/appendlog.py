@@ -1,0 +1,54 @@
+"""Append-only jsonl files that survive kill -9: only whole lines count.
+
+The translation cache, the train log and the eval metrics are appended to while a run may be
+killed at any byte. A line counts only when its newline is on disk (a torn line can still
+parse as JSON), and a writer cuts a torn last line off before it appends again, so a new
+record never glues onto half an old one. Every append is flushed and fsync'd.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from stt_jax import faults
+
+
+def records(path: str | os.PathLike) -> list[Any]:
+  """The JSON value of every complete line ([] if the file does not exist)."""
+  out = []
+  try:
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        if not line.endswith("\n"):
+          continue  # A torn last line of an interrupted write.
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError:
+          continue
+  except FileNotFoundError:
+    pass
+  return out
+
+
+def cut_torn_tail(path: str | os.PathLike) -> bool:
+  """Truncates an unterminated last line; returns whether there was one."""
+  try:
+    with open(path, "rb+") as f:
+      data = f.read()
+      if not data or data.endswith(b"\n"):
+        return False
+      f.truncate(data.rfind(b"\n") + 1)
+  except FileNotFoundError:
+    return False
+  logging.warning("%s: dropped a torn last line (interrupted run)", path)
+  return True
+
+
+def append(path: str | os.PathLike, rows: Sequence[Any], point: str) -> None:
+  """Appends one JSON line per row, durably; `point` names the write for stt_jax.faults."""
+  with open(path, "a", encoding="utf-8") as f:
+    faults.write(f, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), point)
