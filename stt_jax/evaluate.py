@@ -157,6 +157,8 @@ def _write_predictions(workdir, variant, step, task, lang, test, preds, per_exam
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     for r, p, s in zip(test, preds, per_example):
       f.write(json.dumps({"id": r["id"], "prediction": p, **s}, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(path + ".tmp", path)
 
 

@@ -94,6 +94,8 @@ def save_config(cfg, workdir: str) -> None:
                     "as %s); finished stages are not redone", backup)
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     f.write(text + "\n")
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(path + ".tmp", path)
 
 
@@ -244,16 +246,29 @@ def one_line_errors(fn):
       full = disk_full(e)
       if full is None:
         raise
-      sys.stdout.flush()
-      sys.stderr.write(f"error: disk full while writing {full.filename or 'an output'} "
-                       f"({full.strerror}); free space or move --workdir, then rerun the same "
-                       "command: finished work is kept\n")
-      sys.stderr.flush()
-      # Every finished output is already fsync'd; exit now, so the threads of a failed async
-      # checkpoint save cannot print shutdown noise after this line.
-      os._exit(1)  # pylint: disable=protected-access
+      last_line(f"error: disk full while writing {full.filename or 'an output'} "
+                f"({full.strerror}); free space or move --workdir, then rerun the same "
+                "command: finished work is kept")
 
   return wrapped
+
+
+def last_line(line: str) -> None:
+  """Prints `line` as the process's very last output and exits with 1 at once.
+
+  After a failed async checkpoint save, tensorstore's threads keep printing tracebacks
+  ("Event loop is closed") straight to fd 2. Every other writer is pointed at /dev/null
+  first, so nothing can follow or split the line; every finished output is fsync'd already.
+  """
+  logging.disable(logging.CRITICAL)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  err = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.dup2(devnull, 2)
+  os.write(err, f"\n{line}\n".encode())  # On a fresh line even after a torn one.
+  os._exit(1)  # pylint: disable=protected-access
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
