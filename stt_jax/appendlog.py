@@ -1,4 +1,5 @@
-"""Append-only jsonl files that survive kill -9: only whole lines count.
+"""Outputs that survive kill -9: append-only jsonl where only whole lines count, and whole
+files replaced atomically.
 
 The translation cache, the train log and the eval metrics are appended to while a run may be
 killed at any byte. A line counts only when its newline is on disk (a torn line can still
@@ -52,3 +53,16 @@ def append(path: str | os.PathLike, rows: Sequence[Any], point: str) -> None:
   """Appends one JSON line per row, durably; `point` names the write for stt_jax.faults."""
   with open(path, "a", encoding="utf-8") as f:
     faults.write(f, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), point)
+
+
+def write_atomic(path: str | os.PathLike, text: str, point: str | None = None) -> None:
+  """Replaces `path` with `text` all at once: a reader sees the old file or the new one,
+  never a part. `point` names the moment before the rename for stt_jax.faults."""
+  tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  if point:
+    faults.point(point)
+  os.replace(tmp, path)

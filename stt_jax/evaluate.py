@@ -154,12 +154,9 @@ def _write_predictions(workdir, variant, step, task, lang, test, preds, per_exam
   folder = os.path.join(workdir, "eval", "predictions")
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, f"{variant}-{step}-{task}-{lang}.jsonl")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    for r, p, s in zip(test, preds, per_example):
-      f.write(json.dumps({"id": r["id"], "prediction": p, **s}, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)
+  appendlog.write_atomic(path, "".join(
+      json.dumps({"id": r["id"], "prediction": p, **s}, ensure_ascii=False) + "\n"
+      for r, p, s in zip(test, preds, per_example)))
 
 
 def _train_sections(cfg) -> ml_collections.ConfigDict:

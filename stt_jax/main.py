@@ -92,11 +92,8 @@ def save_config(cfg, workdir: str) -> None:
     os.replace(path, backup)
     logging.warning("main: config differs from the one this workdir was started with (kept "
                     "as %s); finished stages are not redone", backup)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(text + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)
+  from stt_jax import appendlog  # pylint: disable=g-import-not-at-top
+  appendlog.write_atomic(path, text + "\n")
 
 
 def run_translate(cfg, workdir, tokenizer) -> None:
@@ -153,11 +150,8 @@ def _read_json(path: str):
 
 
 def _write_json(path: str, obj) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(obj, f, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)
+  from stt_jax import appendlog  # pylint: disable=g-import-not-at-top
+  appendlog.write_atomic(path, json.dumps(obj, sort_keys=True))
 
 
 def rows_by_source(cfg, workdir) -> dict[str, list[dict]]:

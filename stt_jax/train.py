@@ -509,11 +509,7 @@ class _MetricsLog:
     if new != text:
       logging.warning("train: %s: dropped rows after step %d (logged after the last "
                       "checkpoint of an interrupted run)", self.path, step)
-      with open(self.path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(new)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(self.path + ".tmp", self.path)
+      appendlog.write_atomic(self.path, new)
 
   def write(self, row: dict) -> None:
     if self.writer:

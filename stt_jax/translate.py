@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 from stt_jax import appendlog
 from stt_jax import codeswitch
 from stt_jax import decode
-from stt_jax import faults
 from stt_jax import translate_filters as tf
 from stt_jax.tasks import get_task
 
@@ -344,14 +343,6 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  faults.point("translate.replace")
-  os.replace(tmp, path)
 
 
 def _jsonl(rows: Sequence[dict]) -> str:
@@ -410,9 +401,12 @@ def translate_task(model, tokenizer, task_name: str, lang: str, config, workdir:
     stats["rejected_samples"] = result.reject_samples
     stats["wall_s"] = round(time.perf_counter() - start, 2)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / f"{name}.train.jsonl", _jsonl(result.rows))
-    _write_atomic(out_dir / f"{name}.cs.jsonl", _jsonl(result.cs_rows))
-    _write_atomic(out_dir / f"{name}.stats.json", json.dumps(stats, indent=1, ensure_ascii=False))
+    appendlog.write_atomic(out_dir / f"{name}.train.jsonl", _jsonl(result.rows),
+                           "translate.replace")
+    appendlog.write_atomic(out_dir / f"{name}.cs.jsonl", _jsonl(result.cs_rows),
+                           "translate.replace")
+    appendlog.write_atomic(out_dir / f"{name}.stats.json",
+                           json.dumps(stats, indent=1, ensure_ascii=False), "translate.replace")
   _barrier(f"translate-{name}-written")
   stats.setdefault("wall_s", round(time.perf_counter() - start, 2))
   return stats
