@@ -103,3 +103,72 @@ def byte_tokenizer(out_dir: str | None = None):
   if out_dir:
     fast.save_pretrained(out_dir)
   return fast
+
+
+SP_VOCAB = 640  # Llama-2-style SentencePiece fixture: 3 specials, 256 byte pieces, merges.
+TOKENIZERS = ("byte", "sp")  # Parametrise tokenizer-touching tests over both.
+
+
+def _sp_corpus() -> list[str]:
+  """English lines of the bundled GSM8K and MultiNLI (no newlines, like Llama-2's corpus: so
+  '\\n' is the byte piece <0x0A>, and Thai/Chinese fall back to bytes as on Llama-2)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).resolve().parents[1] / "data"
+  lines = []
+  for path in sorted(root.glob("gsm8k/*.jsonl")) + sorted(root.glob("mnli/*.jsonl")):
+    with open(path, encoding="utf-8") as f:
+      for i, line in enumerate(f):
+        if i >= 200:
+          break
+        for value in json.loads(line).values():
+          if isinstance(value, str):
+            lines += [l for l in value.split("\n") if l.strip()]
+  return lines
+
+
+_SP_MODEL: list[bytes] = []
+
+
+def sp_tokenizer(out_dir: str | None = None):
+  """A Llama-2-style tokenizer made with the `sentencepiece` package: BPE, byte fallback, the
+  legacy dummy prefix ('\\n\\n' encodes as ['▁', '<0x0A>', '<0x0A>']; a single '▁The' decodes
+  to 'The'), split digits, ids 0 unk, 1 <s> (added as BOS), 2 </s>. Saved as tokenizer.model +
+  a LlamaTokenizer config (legacy=True) and loaded through AutoTokenizer, as users' Llama-2
+  folders are."""
+  import io  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  if not _SP_MODEL:  # Trained once per process (~1 s), deterministic.
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_sp_corpus()), model_writer=buf, model_type="bpe",
+        vocab_size=SP_VOCAB, byte_fallback=True, add_dummy_prefix=True, split_digits=True,
+        character_coverage=1.0, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, normalization_rule_name="identity",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    _SP_MODEL.append(buf.getvalue())
+  out_dir = out_dir or tempfile.mkdtemp(prefix="sp_tok_")
+  with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+    f.write(_SP_MODEL[0])
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+    json.dump({"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
+               "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+               "unk_token": "<unk>", "clean_up_tokenization_spaces": False,
+               "model_max_length": 4096}, f)
+  return transformers.AutoTokenizer.from_pretrained(out_dir)
+
+
+def tokenizer(kind: str, out_dir: str | None = None):
+  """The fixture tokenizer `kind` ('byte' or 'sp'), saved into `out_dir` when given."""
+  if kind == "byte":
+    return byte_tokenizer(out_dir)
+  if kind == "sp":
+    return sp_tokenizer(out_dir)
+  raise ValueError(f"tokenizer kind {kind!r}; use one of {TOKENIZERS}")
+
+
+def vocab_size(kind: str) -> int:
+  """The tiny model vocab that fits tokenizer `kind`."""
+  return SP_VOCAB if kind == "sp" else VOCAB
