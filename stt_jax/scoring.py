@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stt_jax import decode, sharding
+from stt_jax import decode, sharding, train_data
 from stt_jax.models.decoder import KVCache, positions_from_mask
 from stt_jax.tasks import Task
 
@@ -34,11 +34,12 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _continuation_logprobs(graphdef, state, ids, mask, conts, cont_mask):
+def _continuation_logprobs(graphdef, state, ids, mask, conts, cont_mask, score_mask):
   """Log-likelihood of each continuation after its prompt, the prompt computed once.
 
   ids/mask: [B, P] left-padded prompts; conts/cont_mask: [M, B, C] right-padded continuations
-  (M per prompt). Returns [M, B] sums of log p(continuation token).
+  (M per prompt); score_mask: [M, B, C] the continuation tokens that count (a continuation may
+  start with prompt tokens, see `loglik_fn`). Returns [M, B] sums of log p(scored token).
   """
   model = nnx.merge(graphdef, state)
   b, p = ids.shape
@@ -48,22 +49,24 @@ def _continuation_logprobs(graphdef, state, ids, mask, conts, cont_mask):
   start = jnp.sum(mask, axis=-1, dtype=jnp.int32)[:, None]
 
   def one(args):
-    cont, cm = args
+    cont, cm, sm = args
     logits, _ = model.forward_cached(cont, cm, start + jnp.arange(c)[None], cache)
     prev = jnp.concatenate([last, logits[:, :-1]], axis=1)  # logits that predict each token
     logp = jax.nn.log_softmax(prev, axis=-1)
     tok = jnp.take_along_axis(logp, cont[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(cm, tok, 0.0), axis=-1)
+    return jnp.sum(jnp.where(sm, tok, 0.0), axis=-1)
 
-  return jax.lax.map(one, (conts, cont_mask))
+  return jax.lax.map(one, (conts, cont_mask, score_mask))
 
 
 def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None):
   """A `score_fn(prompts, continuations) -> log-likelihoods` over a JAX model.
 
-  Prompt and continuation are tokenized separately and concatenated, so the continuation's
-  tokens are the same for every prompt (as in lm-evaluation-harness). A prompt repeated with
-  several continuations (XNLI's three labels) is run once; each continuation then reads its
+  Each prompt + continuation is tokenized as one text and the continuation's tokens are those
+  after the prompt's (`train_data.joined_tokens`: the tokens training put the loss on, with no
+  SentencePiece dummy prefix '▁' before the continuation; a token across the boundary counts
+  as continuation). A prompt repeated with several continuations (XNLI's three labels) is run
+  once, up to the prompt tokens all its continuations share; each continuation then reads its
   KV cache. Power-of-two lengths keep compilations few.
   """
   graphdef, state = nnx.split(model)
@@ -77,23 +80,33 @@ def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None):
     out = [0.0] * len(prompts)
     for k in range(0, len(unique), batch_size):
       chunk = unique[k:k + batch_size]
-      p_ids = [tokenizer.encode(p) for p in chunk]
-      c_ids = [[tokenizer.encode(continuations[i], add_special_tokens=False) for i in groups[p]]
-               for p in chunk]
+      p_ids, c_ids = [], []  # Shared prompt ids; per continuation (ids, tokens not scored).
+      for p in chunk:
+        joined = train_data.joined_tokens(tokenizer, [p] * len(groups[p]),
+                                          [continuations[i] for i in groups[p]])
+        shared = min(n for _, n in joined)
+        if shared == 0:
+          raise ValueError(f"loglik: prompt {p[:40]!r} has no token before its continuation "
+                           "(tokenizer adds no BOS and merges it into the first token); "
+                           "start the prompt with text the continuation cannot merge into")
+        p_ids.append(joined[0][0][:shared])
+        c_ids.append([(ids[shared:], n - shared) for ids, n in joined])
       m = max(len(c) for c in c_ids)
       p_len = decode.bucket_length(max(len(x) for x in p_ids))
-      c_len = decode.bucket_length(max(len(x) for c in c_ids for x in c), 4)
+      c_len = decode.bucket_length(max(len(x) for c in c_ids for x, _ in c), 4)
       ids = np.zeros((batch_size, p_len), np.int32)
       mask = np.zeros((batch_size, p_len), np.bool_)
       conts = np.zeros((m, batch_size, c_len), np.int32)
       cmask = np.zeros((m, batch_size, c_len), np.bool_)
+      smask = np.zeros((m, batch_size, c_len), np.bool_)
       for r, (p, cs) in enumerate(zip(p_ids, c_ids)):
         ids[r, p_len - len(p):] = p
         mask[r, p_len - len(p):] = True
-        for j, x in enumerate(cs):
+        for j, (x, skip) in enumerate(cs):
           conts[j, r, :len(x)] = x
           cmask[j, r, :len(x)] = True
-      args = [jnp.asarray(a) for a in (ids, mask, conts, cmask)]
+          smask[j, r, skip:len(x)] = True
+      args = [jnp.asarray(a) for a in (ids, mask, conts, cmask, smask)]
       if mesh is not None:
         row = sharding.named_sharding(mesh, ("batch", None), ids.shape)
         col = sharding.named_sharding(mesh, (None, "batch", None), conts.shape)

@@ -1,12 +1,13 @@
 """Training data: mixture of sources -> tokens with a target-only loss mask -> packed batches.
 
-Every example is `prompt + target + EOS`, tokenized once (prompt = task.format_prompt(row),
-target = task.format_target(row)); the loss covers only the target and EOS tokens. Each epoch
-is a seeded function of (seed, epoch): which rows of each source it uses (mixture weights),
-their order, and how they are packed into `seq_len` rows (segment ids keep packed examples
-apart; positions restart at 0 in each). So the iterator's whole state is (seed, epoch,
-position): saved in a checkpoint, it resumes on exactly the next batch, and every process of a
-multi-host run computes the same plan and materialises only its own rows.
+Every example is the text `prompt + target` tokenized once, as the model reads it at eval time
+(prompt = task.format_prompt(row), target = task.format_target(row)), plus EOS; the loss covers
+only the target's tokens and EOS. Each epoch is a seeded function of (seed, epoch): which rows
+of each source it uses (mixture weights), their order, and how they are packed into `seq_len`
+rows (segment ids keep packed examples apart; positions restart at 0 in each). So the
+iterator's whole state is (seed, epoch, position): saved in a checkpoint, it resumes on exactly
+the next batch, and every process of a multi-host run computes the same plan and materialises
+only its own rows.
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ def rows_for_variant(variant: str, rows_by_source: Mapping[str, Sequence[dict]]
 class Examples:
   """Tokenized examples of all sources, concatenated.
 
-  tokens[i]: prompt + target + EOS ids; prompt_len[i]: how many of them are prompt;
+  tokens[i]: ids of prompt + target, then EOS; prompt_len[i]: how many of them are prompt;
   source[i]: index into `sources`. Examples longer than seq_len + 1 tokens were truncated
-  (target end lost); those whose prompt alone filled seq_len were dropped.
+  (target end lost); those whose prompt alone filled seq_len were dropped. `cut` counts both
+  per source and language: {source: {lang: {"truncated": n, "dropped": n, "of": rows}}},
+  only where something was cut.
   """
 
   tokens: list[np.ndarray]
@@ -80,6 +83,7 @@ class Examples:
   sources: tuple[str, ...]
   truncated: int = 0
   dropped: int = 0
+  cut: dict[str, dict[str, dict[str, int]]] = dataclasses.field(default_factory=dict)
 
   def indices(self, source: str) -> np.ndarray:
     return np.flatnonzero(self.source == self.sources.index(source))
@@ -89,11 +93,33 @@ def _encode(tokenizer, texts: Sequence[str], special: bool) -> list[list[int]]:
   return list(tokenizer(list(texts), add_special_tokens=special)["input_ids"])
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+  """Length of the longest common prefix of two id sequences."""
+  n = min(len(a), len(b))
+  diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+  return int(diff[0]) if diff.size else n
+
+
+def joined_tokens(tokenizer, prompts: Sequence[str], continuations: Sequence[str],
+                  special: bool = True) -> list[tuple[list[int], int]]:
+  """(ids of prompt + continuation tokenized as one text, how many of them are prompt).
+
+  Encoding the two apart and concatenating is not what the model sees: a SentencePiece
+  tokenizer adds its dummy prefix '▁' to the continuation, and BPE may merge across the
+  boundary. The prompt part is the longest common prefix of encode(prompt) and
+  encode(prompt + continuation), so a token straddling the boundary is continuation.
+  """
+  alone = _encode(tokenizer, prompts, special)
+  joined = _encode(tokenizer, [p + c for p, c in zip(prompts, continuations)], special)
+  return [(list(j), common_prefix(a, j)) for a, j in zip(alone, joined)]
+
+
 def tokenize(task, rows_by_source: Mapping[str, Sequence[dict]], tokenizer,
              seq_len: int) -> Examples:
   """Tokenizes every row of every source (HF tokenizer call API: `tokenizer(texts,
-  add_special_tokens=...)["input_ids"]`). The prompt gets the tokenizer's special prefix
-  (BOS), the target none, and EOS is appended so the model learns to stop."""
+  add_special_tokens=...)["input_ids"]`): prompt + target as one text with the tokenizer's
+  special prefix (BOS), the loss on the target's tokens (see `joined_tokens`), and EOS
+  appended so the model learns to stop."""
   unknown = set(rows_by_source) - set(SOURCES)
   if unknown:
     raise DataError(f"unknown data source(s) {sorted(unknown)}; sources are {SOURCES}")
@@ -102,30 +128,41 @@ def tokenize(task, rows_by_source: Mapping[str, Sequence[dict]], tokenizer,
     raise DataError("the tokenizer has no eos_token_id; set one (EOS ends every target)")
   sources = tuple(s for s in SOURCES if rows_by_source.get(s))
   tokens, prompt_len, source = [], [], []
-  truncated = dropped = 0
+  counts: dict[tuple[str, str], dict[str, int]] = {}
   for k, name in enumerate(sources):
     rows = rows_by_source[name]
-    prompts = _encode(tokenizer, [task.format_prompt(r) for r in rows], True)
-    targets = _encode(tokenizer, [task.format_target(r) for r in rows], False)
-    for p, t in zip(prompts, targets):
-      ids = list(p) + list(t) + [eos]
-      if len(p) >= seq_len:
-        dropped += 1
+    pairs = joined_tokens(tokenizer, [task.format_prompt(r) for r in rows],
+                          [task.format_target(r) for r in rows])
+    for row, (ids, n_prompt) in zip(rows, pairs):
+      count = counts.setdefault((name, str(row.get("lang", "unknown"))),
+                                {"truncated": 0, "dropped": 0, "of": 0})
+      count["of"] += 1
+      ids = ids + [eos]
+      if n_prompt >= seq_len:
+        count["dropped"] += 1
         continue
       if len(ids) > seq_len + 1:
-        truncated += 1
+        count["truncated"] += 1
         ids = ids[:seq_len + 1]
       tokens.append(np.asarray(ids, np.int32))
-      prompt_len.append(len(p))
+      prompt_len.append(n_prompt)
       source.append(k)
-  if truncated or dropped:
+  cut: dict[str, dict[str, dict[str, int]]] = {}
+  for (name, lang), count in counts.items():
+    if count["truncated"] or count["dropped"]:
+      cut.setdefault(name, {})[lang] = count
+  truncated = sum(c["truncated"] for c in counts.values())
+  dropped = sum(c["dropped"] for c in counts.values())
+  if cut:
+    where = "; ".join(f"{name}/{lang}: {c['truncated']} truncated, {c['dropped']} dropped of "
+                      f"{c['of']}" for name, langs in cut.items() for lang, c in langs.items())
     logging.warning("train data: %d example(s) truncated to seq_len=%d, %d dropped (prompt "
-                    "alone too long); raise train.seq_len to keep them", truncated, seq_len,
-                    dropped)
+                    "alone too long) (%s); raise train.seq_len to keep them", truncated,
+                    seq_len, dropped, where)
   if not tokens:
     raise DataError("no training examples left after tokenization")
   return Examples(tokens, np.asarray(prompt_len, np.int32), np.asarray(source, np.int32),
-                  sources, truncated, dropped)
+                  sources, truncated, dropped, cut)
 
 
 # ------------------------------------------------------------------------------ epochs

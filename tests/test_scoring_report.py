@@ -17,22 +17,31 @@ from stt_jax.tasks import get_task
 from tests import hf_tiny
 
 
-def test_loglik_matches_transformers(tmp_path):
-  folder = hf_tiny.make_tiny("qwen2", str(tmp_path / "m"))
-  tok = hf_tiny.byte_tokenizer()
+@pytest.mark.parametrize("kind", hf_tiny.TOKENIZERS)
+def test_loglik_matches_transformers_on_the_joined_text(tmp_path, kind):
+  """Our loglik = torch's log-probs of the tokens of prompt + continuation after the prompt's
+  tokens. On sp, encoding the continuation alone would add a '▁' after 'Label:\n' and split
+  '▁entailment' across 'Label: ent' + 'ailment'."""
+  folder = hf_tiny.make_tiny("qwen2", str(tmp_path / "m"), vocab_size=hf_tiny.vocab_size(kind))
+  tok = hf_tiny.tokenizer(kind)
   model, _ = load_hf(folder)
-  prompts = ["Premise: a\nHypothesis: b\nLabel:", "xyz", "Premise: longer text here\nLabel:"]
+  prompts = ["Premise: a\nHypothesis: b\nLabel:", "xyz", "Premise: longer text here\nLabel:",
+             "Premise: a dog.\nLabel:\n", "Premise: a dog.\nLabel: ent"]
   conts = [" entailment", " neutral", " contradiction"]
-  # Each prompt with several continuations (computed once), and in varying order.
-  prompts, conts = prompts * 3, conts + conts[::-1] + [" x", " yy", " entailment"]
+  # Each prompt with several continuations (computed once), and in varying order; the last
+  # prompt's continuations start inside its last token ('ailment') or after it (' x').
+  prompts = prompts[:3] * 3 + prompts[3:] * 2
+  conts = (conts + conts[::-1] + [" x", " yy", " entailment"]
+           + ["entailment", "ailment", "42", " x"])
   got = scoring.loglik_fn(model, tok, batch_size=2)(prompts, conts)
   hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
   for p, c, g in zip(prompts, conts, got):
-    pi, ci = tok.encode(p), tok.encode(c, add_special_tokens=False)
+    joined, alone = tok(p + c)["input_ids"], tok(p)["input_ids"]
+    n = next((i for i, (a, b) in enumerate(zip(alone, joined)) if a != b), len(alone))
     with torch.no_grad():
-      logp = torch.log_softmax(hf(torch.tensor([pi + ci])).logits[0, :-1], -1)
-    ref = sum(float(logp[len(pi) - 1 + j, t]) for j, t in enumerate(ci))
-    assert abs(g - ref) < 1e-3, (g, ref)
+      logp = torch.log_softmax(hf(torch.tensor([joined])).logits[0, :-1], -1)
+    ref = sum(float(logp[i - 1, joined[i]]) for i in range(n, len(joined)))
+    assert abs(g - ref) < 1e-3, (p, c, g, ref)
 
 
 def test_score_split_xnli_loglik_and_generate(tmp_path):

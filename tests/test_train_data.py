@@ -47,13 +47,67 @@ def test_masks_cover_only_target_tokens_hf_tokenizer():
     assert not np.any(batch.loss_mask[batch.segment_ids == 0])
 
 
-def test_truncation_and_drop_counts():
+def test_truncation_and_drop_counts_per_source_and_language():
   rows = math_rows(3)
   rows[1] = dict(rows[1], rationale="x" * 200)
   rows[2] = dict(rows[2], question="y" * 100)
-  examples = train_data.tokenize(TASK, {"en": rows}, ByteTokenizer(), seq_len=64)
-  assert (examples.truncated, examples.dropped, len(examples.tokens)) == (1, 1, 2)
+  de = math_rows(4, "de", 1)
+  de[0] = dict(de[0], rationale="z" * 200)
+  examples = train_data.tokenize(TASK, {"en": rows, "translated": de}, ByteTokenizer(),
+                                 seq_len=64)
+  assert (examples.truncated, examples.dropped, len(examples.tokens)) == (2, 1, 6)
   assert max(len(t) for t in examples.tokens) == 65
+  assert examples.cut == {"en": {"en": {"truncated": 1, "dropped": 1, "of": 3}},
+                          "translated": {"de": {"truncated": 1, "dropped": 0, "of": 4}}}
+
+
+class _PairTask:
+  """A task whose prompt and target are fields of the row (boundary cases by hand)."""
+
+  def format_prompt(self, row):
+    return row["prompt"]
+
+  def format_target(self, row):
+    return row["target"]
+
+
+@pytest.mark.parametrize("kind", hf_tiny.TOKENIZERS)
+def test_ids_are_the_joined_text_and_the_mask_its_target(kind):
+  """Ids equal tokenizer(prompt + target), as generation sees the text; prompt and target
+  encoded apart would put an extra dummy-prefix '▁' before a target after a newline (sp)."""
+  tok = hf_tiny.tokenizer(kind)
+  rows = TASK.load("train", "en", limit=4)
+  pairs = [{"prompt": TASK.format_prompt(r), "target": TASK.format_target(r), "lang": "en"}
+           for r in rows]
+  pairs += [{"prompt": "Question: 2 plus 40?\nAnswer:\n", "target": "42", "lang": "en"},
+            {"prompt": "Premise: a dog.\nLabel:", "target": " entailment", "lang": "en"}]
+  examples = train_data.tokenize(_PairTask(), {"en": pairs}, tok, seq_len=1024)
+  for ids, n_prompt, pair in zip(examples.tokens, examples.prompt_len, pairs):
+    joined = tok(pair["prompt"] + pair["target"])["input_ids"]
+    assert list(ids) == list(joined) + [tok.eos_token_id]
+    prompt = tok(pair["prompt"])["input_ids"]
+    assert n_prompt == len(prompt) and list(ids[:n_prompt]) == list(prompt)
+    text = tok.decode(ids[:-1], skip_special_tokens=True)
+    assert text.endswith(pair["target"])
+    assert tok.decode(ids[n_prompt:-1], skip_special_tokens=True).strip() == \
+        pair["target"].strip()
+  it = _iterator(examples, batch_size=len(pairs), seq_len=1024, packing=False)
+  batch = it.next()
+  for r, i in enumerate(it.rows(0)[:len(pairs)]):
+    i = i[0]
+    want = examples.tokens[i][examples.prompt_len[i]:]
+    np.testing.assert_array_equal(batch.targets[r][batch.loss_mask[r].astype(bool)], want)
+
+
+def test_a_token_across_the_boundary_belongs_to_the_target():
+  tok = hf_tiny.sp_tokenizer()
+  pair = {"prompt": "Premise: a dog.\nLabel: ent", "target": "ailment", "lang": "en"}
+  (ids, n_prompt), = train_data.joined_tokens(tok, [pair["prompt"]], [pair["target"]])
+  assert tok.convert_ids_to_tokens(ids[n_prompt:]) == ["▁entailment"]
+  assert n_prompt == len(tok(pair["prompt"])["input_ids"]) - 1
+  examples = train_data.tokenize(_PairTask(), {"en": [pair]}, tok, seq_len=64)
+  assert list(examples.tokens[0]) == ids + [tok.eos_token_id]
+  assert examples.prompt_len[0] == n_prompt
 
 
 def test_packed_loss_equals_unpacked_loss(tmp_path):
