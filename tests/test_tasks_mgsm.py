@@ -54,6 +54,55 @@ def test_every_gold_answer_parses_and_round_trips(test_rows, lang):
     assert TASK.extract_answer(NATIVE_SENTENCE[lang](n), lang) == n, n
 
 
+# Every thousands convention, each allowed in every language's answers.
+GROUP_SEPARATORS = (",", ".", " ", "\u202f", "\u00a0", "\u2019", "'")
+ANSWER_SENTENCES = {
+    "en": "So she has {} apples left. The answer is {}.",
+    "de": "Also hat sie noch {} Äpfel. Die Antwort lautet {}.",
+    "ru": "Значит, у неё осталось {} яблок. Ответ — {}.",
+    "th": "ดังนั้นเธอเหลือแอปเปิล {} ผล คำตอบคือ {}",
+    "zh": "所以她还剩 {} 个苹果。答案是 {}。",
+}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_every_gold_in_every_grouping_convention_parses_exactly(test_rows,
+                                                                lang):
+  big = [r for r in test_rows[lang] if r["answer_number"] >= 1000]
+  assert len(big) == 23
+  for r in test_rows[lang]:
+    n = r["answer_number"]
+    for sep in GROUP_SEPARATORS:
+      written = _group(n, sep)
+      text = ANSWER_SENTENCES[lang].format(written, written)
+      assert TASK.extract_answer(text, lang) == n, (text, n)
+      assert TASK.example_scores(text, r) == {"accuracy": 1.0}, text
+      # Without the answer phrase the last number is the answer.
+      head = text[:text.index(written) + len(written)]
+      assert TASK.extract_answer(head + " ...", lang) == n, head
+      assert metrics.find_numbers(f"{written} + 1 = {_group(n + 1, sep)}") == [
+          n, 1, n + 1]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("1,5", 1.5), ("1.5", 1.5), ("0,25", 0.25), ("0.500", 0.5),
+    ("1.2345", 1.2345), ("12,50", 12.5), ("1,000", 1000), ("1.000", 1000),
+    ("1 000", 1000), ("1\u202f000", 1000), ("1’000", 1000),
+    ("12.500.000", 12500000), ("1,000.5", 1000.5), ("1.000,5", 1000.5),
+    ("１，２００", 1200), ("๑,๒๐๐", 1200), ("-1 200", -1200),
+    ("0,250", 0.25), ("1,2500", 1.25), ("1,000 000", None),
+])
+def test_parse_number_grouping_rule(text, expected):
+  """Three digits after a separator group, in every language; else decimal."""
+  assert metrics.parse_number(text) == expected
+
+
+def test_find_numbers_full_width_comma_lists_and_mixed_separators():
+  assert metrics.find_numbers("分别是48，24和1，200。") == [48, 24, 1200]
+  assert metrics.find_numbers("1,000.000 and 1.000,000") == [1000, 1000]
+  assert metrics.find_numbers("In 2019 300 people came") == [2019, 300]
+
+
 def test_mgsm_is_parallel_across_languages(test_rows):
   golds = [r["answer_number"] for r in test_rows["en"]]
   for lang in LANGS:
@@ -167,6 +216,10 @@ EXTRACTION_CASES = [
     ("Sie hat 16 - 3 - 4 = 9 Eier. 9 * 2 = 18. Die Antwort lautet 18.",
      "de", 18),
     ("Die Antwort ist 1.000 Euro.", "de", 1000),
+    ("The answer is 1,200.", "de", 1200),
+    ("Ответ — 1,000.", "ru", 1000),
+    ("Ответ: 1.000 рублей.", "ru", 1000),
+    ("Ответ — 2,5.", "ru", 2.5),
     ("Das sind 2,5 Stunden. Die Antwort lautet 2,5.", "de", 2.5),
     ("Die Antwort lautet: 114.200", "de", 114200),
     ("Insgesamt 3 + 2 = 5 Autos. The answer is 5.", "de", 5),
