@@ -4,7 +4,10 @@ zero-shot cross-lingual transfer, 95% intervals, and accuracy vs model size.
     python -m stt_jax.report --workdir=/path/to/workdir [--workdir=another ...]
 
 Each metric row is {variant, step, task, lang, metric, value, ci_low, ci_high, n, model,
-params}. The table takes each (model, variant)'s latest step (the end of training).
+params, truncated}. The table takes each (model, variant)'s latest step (the end of training).
+A cell marked †k had k generations cut by eval.max_new_tokens (their answers may be missing);
+what train.seq_len cut from the training data (runs/<variant>/train/metrics.jsonl) is listed
+under the tables, so a number lowered by a budget is not read as a result.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def table(rows: Sequence[dict]) -> tuple[str, list[list]]:
   """Markdown table(s), one per (model, task), and the same content as CSV rows."""
   best = latest(rows)
   md, csv_rows = [], [["model", "task", "metric", "variant", "lang", "step", "value",
-                       "ci_low", "ci_high", "n", "delta_vs_zero_shot"]]
+                       "ci_low", "ci_high", "n", "delta_vs_zero_shot", "truncated"]]
   groups = sorted({(k[0], k[1]) for k in best})
   for model, task in groups:
     metric = PRIMARY.get(task) or next(k[4] for k in best if k[:2] == (model, task))
@@ -77,6 +80,7 @@ def table(rows: Sequence[dict]) -> tuple[str, list[list]]:
               f"{f' — {model}' if model else ''}\n")
     md.append("| variant | " + " | ".join(langs) + " |")
     md.append("|---|" + "---|" * len(langs))
+    cut_any = False
     for v in variants:
       cells = []
       for lang in langs:
@@ -91,14 +95,39 @@ def table(rows: Sequence[dict]) -> tuple[str, list[list]]:
         if base is not None and v != BASELINE:
           delta = r["value"] - base["value"]
           cell += f" ({'+' if delta >= 0 else ''}{_fmt(delta, metric)})"
+        if r.get("truncated"):
+          cell += f" †{r['truncated']}"
+          cut_any = True
         cells.append(cell)
         csv_rows.append([model, task, metric, v, lang, r["step"], r["value"], r["ci_low"],
-                         r["ci_high"], r.get("n"), delta])
+                         r["ci_high"], r.get("n"), delta, r.get("truncated")])
       md.append(f"| {v} | " + " | ".join(cells) + " |")
     ns = sorted({best[k].get("n") for k in keys if best[k].get("n") is not None})
     md.append(f"\nn = {', '.join(map(str, ns))} test items per language; brackets: bootstrap "
-              f"95% interval; parentheses: difference to {BASELINE} (zero-shot transfer).\n")
+              f"95% interval; parentheses: difference to {BASELINE} (zero-shot transfer)."
+              + ("\n†k: k generations hit eval.max_new_tokens before a stop (answers may be "
+                 "cut off); raise eval.max_new_tokens." if cut_any else "") + "\n")
   return "\n".join(md), csv_rows
+
+
+def train_cuts(workdirs: Sequence[str]) -> str:
+  """Markdown lines: training examples that train.seq_len truncated or dropped, per variant,
+  source and language (from the last train log row); '' when nothing was cut."""
+  lines = []
+  for workdir in workdirs:
+    runs = os.path.join(workdir, "runs")
+    for variant in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+      log = read_metrics([os.path.join(runs, variant, "train", "metrics.jsonl")])
+      cut = log[-1].get("seq_len_cut") if log else None
+      for source, langs in sorted((cut or {}).items()):
+        for lang, c in sorted(langs.items()):
+          lines.append(f"- {variant}: {source}/{lang}: {c['truncated']} truncated, "
+                       f"{c['dropped']} dropped of {c['of']}")
+  if not lines:
+    return ""
+  return ("\n### Training examples cut by train.seq_len\n\n" + "\n".join(lines)
+          + "\n\nTruncated examples lost the end of their target, dropped ones a prompt of "
+          "seq_len tokens or more; raise train.seq_len to keep them.\n")
 
 
 def plot(rows: Sequence[dict], path: str) -> str | None:
@@ -175,6 +204,7 @@ def write_report(workdirs: Sequence[str], out_dir: str | None = None) -> str:
   out_dir = out_dir or workdirs[0]
   os.makedirs(out_dir, exist_ok=True)
   md, csv_rows = table(rows)
+  md += train_cuts(workdirs)
   with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
     f.write("# Self-Translate-Train results\n\n" + (md or "No metrics yet.\n"))
   buf = io.StringIO()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stt_jax import train, train_data
+from stt_jax import decode, train, train_data
 from stt_jax.models import load_hf
 from stt_jax.tasks import get_task
 from tests import hf_tiny
@@ -108,6 +108,28 @@ def test_a_token_across_the_boundary_belongs_to_the_target():
   examples = train_data.tokenize(_PairTask(), {"en": [pair]}, tok, seq_len=64)
   assert list(examples.tokens[0]) == ids + [tok.eos_token_id]
   assert examples.prompt_len[0] == n_prompt
+
+
+@pytest.mark.parametrize("kind", hf_tiny.TOKENIZERS)
+@pytest.mark.parametrize("name", ["mgsm", "xquad", "xnli"])
+def test_generating_the_training_target_scores_full_marks(name, kind):
+  """What training teaches is what eval extracts: the target tokens (after the joined text's
+  prompt tokens), decoded and trimmed as decode.generate_stream does, score 100% on each
+  tokenizer (sp: no leading '▁' space in a lone decode, '\\n' a byte piece, Thai and Chinese
+  byte fallback)."""
+  tok = hf_tiny.tokenizer(kind)
+  task = get_task(name)
+  for split, lang in (("train", "en"), ("test", "th"), ("test", "zh")):
+    rows = task.load(split, lang, limit=6)
+    pairs = train_data.joined_tokens(tok, [task.format_prompt(r) for r in rows],
+                                     [task.format_target(r) for r in rows])
+    for row, (ids, n_prompt) in zip(rows, pairs):
+      text = decode.trim_text(tok.decode(ids[n_prompt:], skip_special_tokens=True,
+                                         clean_up_tokenization_spaces=False),
+                              task.stop_sequences)
+      scores = task.example_scores(text, row)
+      full = {m: 100.0 if name == "xquad" else 1.0 for m in task.metric_names}
+      assert scores == full, (lang, text[:80], task.format_target(row)[:80])
 
 
 def test_packed_loss_equals_unpacked_loss(tmp_path):
