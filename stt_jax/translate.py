@@ -89,13 +89,16 @@ def default_translate_config() -> ml_collections.ConfigDict:
   c.joiner = {"default": " ", "zh": "", "ja": ""}  # how translated sentences are re-joined
   # --- filters (translate_filters.check); a failing segment drops its example
   c.filters = ml_collections.ConfigDict()
-  c.filters.enabled = tf.REASONS  # empty truncated repetition copy script length_ratio
+  c.filters.enabled = tf.REASONS  # empty truncated repetition copy script length_ratio numbers
   c.filters.min_chars = 20        # shorter sources skip copy/script/length checks (names, numbers)
   c.filters.light_fields = ("answer",)  # only empty/truncated/repetition checks: a SQuAD answer
                                         # is judged by finding it in the translated context
   c.filters.repeat_min_count = 4  # a unit repeated this many times in a row ...
   c.filters.repeat_min_chars = 16  # ... over at least this many chars is a loop
-  c.filters.script_min_fraction = 0.5  # th/zh/ru: share of letters in the target script
+  c.filters.script_min_fraction = 0.5  # th/zh/ru: share of letters in the target script ...
+  c.filters.script_ignore_copied = True  # ... not counting words copied from the source
+  c.filters.copied_max_words = 3  # (names, units) in runs of at most this many words
+  c.filters.numbers_tasks = ("mgsm",)  # tasks whose translations keep every source number
   c.filters.length_ratio = dict(LENGTH_RATIO)  # lang -> (min, max) translated/source chars
   c.filters.fuzzy_min_score = 80.0  # SQuAD answers: rapidfuzz partial_ratio to accept a span
   # --- code-switched examples (codeswitch.py)
@@ -109,10 +112,13 @@ def default_translate_config() -> ml_collections.ConfigDict:
   return c
 
 
-def filter_config(cfg) -> tf.FilterConfig:
+def filter_config(cfg, task: str | None = None) -> tf.FilterConfig:
+  """The checks' bounds; the numbers check is on when `task` is in filters.numbers_tasks."""
   f = cfg.filters
   return tf.FilterConfig(tuple(f.enabled), f.min_chars, f.repeat_min_count, f.repeat_min_chars,
-                         f.script_min_fraction, {k: tuple(v) for k, v in f.length_ratio.items()})
+                         f.script_min_fraction, {k: tuple(v) for k, v in f.length_ratio.items()},
+                         f.script_ignore_copied, f.copied_max_words,
+                         task is not None and task in f.numbers_tasks)
 
 
 # ------------------------------------------------------------------------------ prompts
@@ -516,7 +522,7 @@ def _codeswitched(task, en_row, texts, reasons, lang, cfg, counts) -> list[dict]
 
 def assemble(task, rows, plan, found, lang, cfg) -> Assembled:
   """Rebuilds translated and code-switched rows from the segment translations; counts."""
-  fcfg = filter_config(cfg)
+  fcfg = filter_config(cfg, task.name)
   seg_reject: dict[str, tuple[str | None, str]] = {}
   kept, cs_rows = [], []
   dropped, aligned, cs_counts = (collections.Counter() for _ in range(3))

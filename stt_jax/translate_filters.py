@@ -4,14 +4,21 @@ A 0.5B-7B model translating few-shot fails in a handful of recognisable ways: it
 once (empty), echoes the English (copy), loops ("the man the man the man ..."), runs out of
 its token budget, writes the wrong script (Latin instead of Thai) or a text far too short or
 long. Each check returns the name of the reason so the stage can count drops by reason.
+
+Two checks judge the translation rather than what it rightly keeps from the source: the script
+ratio leaves out words copied from the source (names, units: 'Natalia在四月份卖了48个发夹。'
+is all Chinese), and for math every number of the source must still be in the translation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
+
+from stt_jax.tasks import metrics
 
 # Letters of a target language's script. A translation into th/zh/ru must be mostly these.
 SCRIPTS = {
@@ -22,7 +29,7 @@ SCRIPTS = {
 # Languages written without spaces between words (char-level spans and n-grams).
 UNSPACED = frozenset({"th", "zh", "ja"})
 # Order in which a segment's checks run; the first failing one is its drop reason.
-REASONS = ("empty", "truncated", "repetition", "copy", "script", "length_ratio")
+REASONS = ("empty", "truncated", "repetition", "copy", "script", "length_ratio", "numbers")
 
 # A unit of 1-40 characters repeated at least 4 times in a row: a greedy-decoding loop.
 _LOOP = re.compile(r"(.{1,40}?)\1{3,}", re.S)
@@ -38,6 +45,9 @@ class FilterConfig:
   script_min_fraction: float = 0.5
   length_ratio: Mapping[str, tuple[float, float]] = dataclasses.field(
       default_factory=lambda: {"default": (0.3, 3.0)})
+  script_ignore_copied: bool = True
+  copied_max_words: int = 3
+  numbers: bool = False  # on for math tasks (translate.filter_config)
 
   def ratio_bounds(self, lang: str) -> tuple[float, float]:
     return tuple(self.length_ratio.get(lang, self.length_ratio["default"]))
@@ -51,15 +61,67 @@ def has_letters(text: str) -> bool:
   return any(unicodedata.category(c).startswith("L") for c in text)
 
 
-def script_fraction(text: str, lang: str) -> float | None:
+# A run of letters (no digits, no underscore).
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def _in_script(c: str, ranges) -> bool:
+  return any(lo <= ord(c) <= hi for lo, hi in ranges)
+
+
+def _copied_letters(text: str, source: str, ranges, max_words: int) -> int:
+  """Letters of `text` in words copied from `source` (case-insensitively) that stand in runs of
+  at most `max_words` such words between target-script letters: names and units kept in a
+  Chinese or Thai sentence. A longer run ('tennis balls. He buys 2 more') is untranslated
+  English and still counts against the script ratio."""
+  known = {w.casefold() for w in _WORD.findall(source)}
+  copied, run = 0, []
+
+  def close():
+    nonlocal copied
+    if run and len(run) <= max_words and all(w.casefold() in known for w in run):
+      copied += sum(map(len, run))
+    run.clear()
+
+  for m in _WORD.finditer(text):
+    for target, piece in itertools.groupby(m.group(0), lambda c: _in_script(c, ranges)):
+      if target:
+        close()
+      else:
+        run.append("".join(piece))
+  close()
+  return copied
+
+
+def script_fraction(text: str, lang: str, source: str | None = None,
+                    max_copied_words: int = 3) -> float | None:
   """Share of `text`'s letters in `lang`'s script; None if `lang` has no script check or the
-  text has no letters (numbers and formulas are fine in any language)."""
+  text has no letters (numbers and formulas are fine in any language).
+
+  With `source`, short runs of words copied from it are left out (see _copied_letters); a
+  text made only of copied words scores 0.0: nothing in it was translated.
+  """
   ranges = SCRIPTS.get(lang)
   found = letters(text)
   if ranges is None or not found:
     return None
-  inside = sum(any(lo <= ord(c) <= hi for lo, hi in ranges) for c in found)
-  return inside / len(found)
+  inside = sum(_in_script(c, ranges) for c in found)
+  total = len(found)
+  if source is not None:
+    total -= _copied_letters(text, source, ranges, max_copied_words)
+  return inside / total if total else 0.0
+
+
+# Ordinals ('1st', '2nd', '3rd', '4th'): often written in words ('第二天').
+_ORDINAL = re.compile(r"(?<!\d)\d+(?:st|nd|rd|th)\b", re.IGNORECASE)
+
+
+def missing_numbers(source: str, output: str) -> list[metrics.Number]:
+  """Numbers of `source` that `output` lacks, both read with metrics.find_numbers (thousands
+  separators, decimal commas, full-width and Thai digits); ordinals are not required."""
+  have = metrics.find_numbers(output)
+  need = dict.fromkeys(metrics.find_numbers(_ORDINAL.sub(" ", source)))
+  return [n for n in need if not any(metrics.numbers_equal(n, h) for h in have)]
 
 
 def loop_span(text: str, min_count: int = 4, min_chars: int = 16) -> str | None:
@@ -82,7 +144,8 @@ def check(source: str, output: str, lang: str, cfg: FilterConfig, truncated: boo
 
   Sources shorter than cfg.min_chars (names, numbers, short answers) and `light` ones skip the
   copy, script and length checks: 'Denver Broncos' legitimately stays 'Denver Broncos' in
-  German or Chinese.
+  German or Chinese. The numbers check (cfg.numbers) runs on every non-light source: 'The
+  answer is 72.' is short and its number is the whole point.
   """
   on = set(cfg.enabled)
   long_enough = len(source.strip()) >= cfg.min_chars and not light
@@ -93,17 +156,19 @@ def check(source: str, output: str, lang: str, cfg: FilterConfig, truncated: boo
   if "repetition" in on and loop_span(output, cfg.repeat_min_count, cfg.repeat_min_chars) \
       and not loop_span(source, cfg.repeat_min_count, cfg.repeat_min_chars):
     return "repetition"
+  numbers = "numbers" in on and cfg.numbers and not light
   if not long_enough:
-    return None
+    return "numbers" if numbers and missing_numbers(source, output) else None
   if "copy" in on and _normal(output) == _normal(source) and has_letters(source):
     return "copy"
-  fraction = script_fraction(output, lang)
+  fraction = script_fraction(output, lang, source if cfg.script_ignore_copied else None,
+                             cfg.copied_max_words)
   if "script" in on and fraction is not None and fraction < cfg.script_min_fraction:
     return "script"
   lo, hi = cfg.ratio_bounds(lang)
   if "length_ratio" in on and not lo <= len(output.strip()) / len(source.strip()) <= hi:
     return "length_ratio"
-  return None
+  return "numbers" if numbers and missing_numbers(source, output) else None
 
 
 # ------------------------------------------------------------------------------ sentences

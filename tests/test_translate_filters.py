@@ -72,6 +72,98 @@ def test_script_fraction():
   assert tf.script_fraction("Hallo", "de") is None
 
 
+NATALIA = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+           "clips in May.")
+
+
+def test_script_ratio_leaves_out_names_and_units_copied_from_the_source():
+  out = "Natalia在四月份卖了48个发夹。"
+  assert tf.script_fraction(out, "zh") == pytest.approx(9 / 16)  # 'Natalia' counts against
+  assert tf.script_fraction(out, "zh", NATALIA) == 1.0
+  assert tf.check(NATALIA, out, "zh", CFG) is None
+  old = tf.FilterConfig(length_ratio=CFG.length_ratio, script_ignore_copied=False)
+  assert tf.check(NATALIA, "Natalia在4月卖了48个clips给她的friends。", "zh", old) == "script"
+  src = "Weng walks 3 km to the YMCA every day."
+  assert tf.script_fraction("เวงเดิน 3 km ไป YMCA ทุกวัน", "th", src) == 1.0
+  # A word not in the source still counts: it is untranslated, not copied.
+  assert tf.script_fraction("Natalia在Juni卖了48个发夹。", "zh", NATALIA) == pytest.approx(6 / 10)
+
+
+def test_long_copied_runs_and_copies_still_fail_the_script_check():
+  # 'tennis balls. He buys 2 more cans' is 6 copied words in a row: untranslated English.
+  assert tf.check(SRC, "Roger有5个tennis balls. He buys 2 more cans.", "zh", CFG) == "script"
+  few = tf.FilterConfig(length_ratio=CFG.length_ratio, copied_max_words=6)
+  assert tf.check(SRC, "Roger有5个tennis balls. He buys 2 more cans.", "zh", few) is None
+  # Only copied words, no Chinese at all: nothing was translated.
+  assert tf.script_fraction("Natalia April May", "zh", NATALIA) == 0.0
+  assert tf.check(NATALIA, "Natalia, April, May: 48", "zh", CFG) == "script"
+
+
+NUM = tf.FilterConfig(length_ratio=CFG.length_ratio, numbers=True)
+
+
+@pytest.mark.parametrize("source,output,reason", [
+    (NATALIA, "Natalia在四月份卖了48个发夹，五月卖了一半。", None),
+    (NATALIA, "Natalia在四月份卖了发夹给她的朋友，五月卖了一半。", "numbers"),
+    ("Natalia sold 48/2 = 24 clips in May.", "Natalia在五月卖了48/2 = 24个发夹。", None),
+    ("Natalia sold 48/2 = 24 clips in May.", "Natalia在五月卖了48/2 = 42个发夹。", "numbers"),
+    ("The answer is 72.", "答案是 72。", None),  # short, still checked
+    ("The answer is 72.", "答案是 27。", "numbers"),
+    ("The answer is 1,200.", "答案是１２００。", None),
+    ("It costs $1,200.50 in all.", "Insgesamt kostet es 1.200,50 $.", None),
+    ("He has 12 sheep and 3 dogs.", "เขามีแกะ ๑๒ ตัวและสุนัข ๓ ตัว", None),
+    ("On the 2nd day she ran 5 miles.", "第二天她跑了5英里。", None),  # ordinals may be words
+    ("He has 12 sheep and 3 dogs.", "他有十二只羊和三只狗。", "numbers"),  # digits expected
+])
+def test_numbers_filter(source, output, reason):
+  lang = "de" if "Insgesamt" in output else "th" if "เขา" in output else "zh"
+  assert tf.check(source, output, lang, NUM) == reason
+  assert tf.check(source, output, lang, CFG) is None  # off unless the task asks for it
+
+
+def test_numbers_filter_skips_light_fields_and_reports_what_is_missing():
+  assert tf.check("The answer is 72.", "答案", "zh", NUM, light=True) is None
+  assert tf.missing_numbers("Buy 3 for $4.50, get 1,000 points", "买3个4.5美元，得1000分") == []
+  assert tf.missing_numbers("Buy 3 for $4.50, get 1,000 points", "买3个，得1000分") == [4.5]
+
+
+def test_filter_config_turns_numbers_on_for_math_only():
+  from stt_jax import translate  # pylint: disable=g-import-not-at-top
+  cfg = translate.default_translate_config()
+  assert translate.filter_config(cfg, "mgsm").numbers
+  assert not translate.filter_config(cfg, "xnli").numbers
+  assert not translate.filter_config(cfg).numbers
+  assert translate.filter_config(cfg).script_ignore_copied
+
+
+def test_assemble_drops_a_math_row_that_lost_a_number():
+  from stt_jax import translate  # pylint: disable=g-import-not-at-top
+  from stt_jax.tasks import get_task  # pylint: disable=g-import-not-at-top
+  cfg = translate.default_translate_config()
+  cfg.codeswitch.enabled = False
+  task = get_task("mgsm")
+  row = task.load("train", limit=1)[0]
+  plan = [{f: translate.split_field(t, cfg) for f, t in task.translatable_texts(row).items()}]
+  good = {"Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+          "clips in May. How many clips did Natalia sell altogether in April and May?":
+          "Natalia在四月份卖了48个发夹给她的朋友，五月卖了一半。她四月和五月一共卖了多少个发夹？",
+          "Natalia sold 48/2 = 24 clips in May.": "Natalia在五月卖了48/2 = 24个发夹。",
+          "Natalia sold 48+24 = 72 clips altogether in April and May.":
+          "Natalia在四月和五月一共卖了48+24 = 72个发夹。",
+          "The answer is 72.": "答案是 72。"}
+  found = lambda texts: {s: {"src": s, "out": o, "ntok": 1, "budget": 64}
+                         for s, o in texts.items()}
+  assert set(good) == {s for p in plan[0].values() for line in p for s in line}
+  result = translate.assemble(task, [row], plan, found(good), "zh", cfg)
+  assert result.stats["kept"] == 1
+  assert result.rows[0]["rationale"].endswith("答案是 72。")
+  bad = {**good, "The answer is 72.": "答案是 27。"}
+  result = translate.assemble(task, [row], plan, found(bad), "zh", cfg)
+  assert result.stats["kept"] == 0 and result.stats["dropped"] == {"numbers": 1}
+  cfg.filters.numbers_tasks = ()
+  assert translate.assemble(task, [row], plan, found(bad), "zh", cfg).stats["kept"] == 1
+
+
 def test_regex_sentences():
   text = ('Mr. Smith went to Washington in 1850. He said "Hi." Then J. S. Bach came! '
           'The U.S. Army won. Was it 5? 7 people came.')
