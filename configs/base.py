@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.task.target_langs = ("de", "ru", "th", "zh")
   c.task.data_dir = ml_collections.config_dict.placeholder(str)  # Folder in data/'s schema.
   c.task.data_source = "auto"  # auto (data_dir, bundled data/, HF datasets, TFDS) | local | hf | tfds
+  # The bundled SQuAD and MultiNLI train files are partial (data/SOURCES.md). A run that would
+  # read them stops in preflight unless this is True (demo/tiny) or the full set comes from
+  # data_source=hf|tfds or data_dir. Complete bundled splits (GSM8K, MGSM, XNLI, XQuAD) are fine.
+  c.task.allow_subset = False
   c.task.train_limit = ml_collections.config_dict.placeholder(int)  # N English train rows ...
   c.task.train_sample_seed = 0  # ... a seeded random sample (files may be sorted by label).
 
@@ -97,21 +101,40 @@ def translate_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 # Per-task settings of the paper setup (Llama-2-7B on a TPU VM), used by configs/<task>_<lang>.py.
 _PAPER_TASK = {
-    # GSM8K question + rationale fits in 512 Llama tokens; rationales need a long answer budget.
-    "mgsm": dict(seq_len=512, batch_size=64, epochs=3, eval_new=320, translate_new=256,
-                 method="generate"),
+    # GSM8K question + rationale; rationales need a long answer budget.
+    "mgsm": dict(batch_size=64, epochs=3, method="generate"),
     # SQuAD contexts are long; answers are short spans.
-    "xquad": dict(seq_len=1024, batch_size=32, epochs=2, eval_new=48, translate_new=384,
-                  method="generate"),
+    "xquad": dict(batch_size=32, epochs=2, method="generate"),
     # MultiNLI is large (393k pairs): one pass is plenty; rank the three label words.
-    "xnli": dict(seq_len=256, batch_size=64, epochs=1, eval_new=8, translate_new=160,
-                 method="loglik"),
+    "xnli": dict(batch_size=64, epochs=1, method="loglik"),
+}
+
+# Token budgets per task x target language: (train.seq_len, eval.max_new_tokens,
+# translate.max_new_tokens, translate.max_new_ratio). English-sized budgets cut Thai, which
+# Llama-2 writes mostly as UTF-8 bytes (3 tokens per character). Sized from the p99 lengths
+# measured by `python -m stt_jax.budgets` (docs/budgets.md) with two tokenizers: the demo Qwen
+# and the Llama-2-style byte-fallback SentencePiece test fixture (tests/hf_tiny.py, the worst
+# case; no Llama-2 tokenizer was at hand). th, zh: cover the fixture's p99; de, ru (Llama-2
+# has Latin and Cyrillic pieces, the 60x smaller fixture overstates them): 1.5 x Qwen's p99.
+# The ratio is per *English* source token, and Llama-2 English is nearly as compact as Qwen's
+# (x1.1 assumed), so th/zh ratios are the fixture's p99 x its English tokens/char over 1.1 x
+# Qwen's (mgsm 0.51 / 0.34). Rounded up; xquad th seq_len is capped at Llama-2's 4096 positions
+# (its p99 on the fixture is 5179: some Thai SQuAD examples are cut there).
+_PAPER_BUDGETS = {
+    ("mgsm", "de"): (768, 320, 256, 4.0), ("mgsm", "ru"): (768, 320, 256, 4.0),
+    ("mgsm", "zh"): (1280, 320, 384, 5.0), ("mgsm", "th"): (3072, 768, 1024, 14.0),
+    ("xnli", "de"): (256, 8, 160, 4.0), ("xnli", "ru"): (384, 8, 256, 5.0),
+    ("xnli", "zh"): (512, 8, 384, 7.0), ("xnli", "th"): (1280, 8, 1024, 18.0),
+    ("xquad", "de"): (1280, 48, 384, 5.0), ("xquad", "ru"): (1280, 64, 384, 6.0),
+    ("xquad", "zh"): (2048, 96, 512, 8.0), ("xquad", "th"): (4096, 320, 1024, 21.0),
 }
 
 
 def paper_config(task: str, lang: str) -> ml_collections.ConfigDict:
   """Train on the English set of `task`, test in `lang` (and English), Llama-2-7B, TPU VM."""
+  from stt_jax.tasks import get_task  # pylint: disable=g-import-not-at-top
   s = _PAPER_TASK[task]
+  seq_len, eval_new, translate_new, ratio = _PAPER_BUDGETS[(task, lang)]
   c = get_config()
   c.name = f"{task}_{lang}"
   c.model.path = "/models/Llama-2-7b-hf"  # Local HF folder (download it once; see README).
@@ -119,12 +142,21 @@ def paper_config(task: str, lang: str) -> ml_collections.ConfigDict:
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1  # e.g. v4-8 / v5e-8: FSDP over all chips.
   c.task.name = task
   c.task.target_langs = (lang,)
+  # The full English train set: the bundled SQuAD / MultiNLI train copies are partial, so
+  # those tasks read Hugging Face `datasets` (or --config.task.data_source=tfds, or a
+  # task.data_dir); GSM8K and every test split are bundled complete.
+  c.task.data_source = "hf" if get_task(task).splits["train"].bundled_note else "auto"
   c.eval.langs = (lang, "en")
   c.eval.method = s["method"]
-  c.eval.max_new_tokens = s["eval_new"]
-  c.train.seq_len = s["seq_len"]
+  c.eval.max_new_tokens = eval_new
+  c.train.seq_len = seq_len
   c.train.remat = True  # 7B activations of a 64-sequence batch do not fit otherwise.
   c.train.batch_size = s["batch_size"]
   c.train.epochs = s["epochs"]
-  c.translate.max_new_tokens = s["translate_new"]
+  # Warmup as a share of each variant's steps: zero_shot and self_translate differ 2-4x in
+  # length but get the same LR shape.
+  c.train.warmup_steps = 0
+  c.train.warmup_ratio = 0.03
+  c.translate.max_new_tokens = translate_new
+  c.translate.max_new_ratio = ratio
   return c

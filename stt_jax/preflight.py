@@ -185,17 +185,41 @@ def local_langs(task, split: str, data_dir: str | None) -> list[str]:
   return sorted(found)
 
 
+def check_subset(task, split: str, lang: str, cfg) -> None:
+  """A run must not read a partial bundled copy unless task.allow_subset says it may.
+
+  The stages load with task.data_source alone, and `auto`/`local` prefer the bundled copy; so
+  without the opt-in the full set must come from task.data_dir or data_source=hf|tfds.
+  """
+  spec = task.splits[split]
+  if cfg.task.allow_subset or cfg.task.data_source in ("hf", "tfds"):
+    return
+  rel = spec.path.format(lang=lang)
+  if cfg.task.data_dir and os.path.isfile(os.path.join(cfg.task.data_dir, rel)):
+    return
+  if task.partial_copy(spec, lang):
+    raise PreflightError(
+        f"config: task.allow_subset=False but task.data_source={cfg.task.data_source!r} reads "
+        f"the bundled data/{rel}, {spec.bundled_note.split('; use ')[0]}; train on the full set "
+        "with --config.task.data_source=hf (or tfds, or task.data_dir holding "
+        f"{rel}), or accept the subset with --config.task.allow_subset=True")
+
+
 def _rows(task, split: str, lang: str, key: str, cfg, **kwargs):
   """task.load with each kind of failure turned into one line naming `key`."""
   from stt_jax.tasks import DataNotFoundError  # pylint: disable=g-import-not-at-top
   where = f"{task.name} {split!r} [{lang}]"
   langs = local_langs(task, split, cfg.task.data_dir)
   have = f"languages with {task.name} {split!r} data: {', '.join(langs) or 'none'}"
+  check_subset(task, split, lang, cfg)
   try:
-    rows = task.load(split, lang, data_dir=cfg.task.data_dir, **kwargs)
-  except DataNotFoundError:
+    rows = task.load(split, lang, data_dir=cfg.task.data_dir,
+                     allow_subset=cfg.task.allow_subset, **kwargs)
+  except DataNotFoundError as e:
     raise PreflightError(f"config: {key} has {lang!r} but there is no {where} data ({have}); "
-                         "fix the language or supply the file in task.data_dir") from None
+                         "fix the language or supply the file in task.data_dir"
+                         + (f" ({e})" if cfg.task.data_source in ("hf", "tfds") else "")
+                         ) from None
   except ValueError as e:  # A split that exists only in some languages.
     raise PreflightError(f"config: {key} has {lang!r}: {e}") from None
   broken = [m for m in rows.malformed if any(b in m for b in _BROKEN_LINE)]

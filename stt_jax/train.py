@@ -75,7 +75,10 @@ def default_train_config() -> ml_collections.ConfigDict:
   t.lora.targets = "all"  # Comma-separated projections (q_proj,...,down_proj) or 'all'.
   t.lr = 2e-4  # Peak learning rate of AdamW.
   t.min_lr_ratio = 0.1  # Cosine decays to lr * min_lr_ratio at the last step.
-  t.warmup_steps = 50  # Linear warmup from 0 to lr.
+  t.warmup_steps = 50  # Linear warmup from 0 to lr, in optimizer steps ...
+  # ... or as a fraction of this run's total steps (0 = use warmup_steps), so variants with
+  # 2-4x different step counts share one LR shape. Set one of the two; the other must be 0.
+  t.warmup_ratio = 0.0
   t.steps = 0  # Optimizer steps; 0 = derive from `epochs`.
   t.epochs = 2  # Passes over the mixture (used when steps == 0).
   t.batch_size = 32  # Sequences (packed rows of seq_len tokens) per optimizer step, global.
@@ -138,6 +141,10 @@ def validate(config: Mapping | ml_collections.ConfigDict) -> ml_collections.Conf
   check(t.steps > 0 or t.epochs > 0, "set train.steps or train.epochs to a positive number")
   check(t.steps >= 0 and t.warmup_steps >= 0 and t.log_every > 0, "train.steps/warmup_steps "
         "must be >= 0 and train.log_every > 0")
+  check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+  check(not (t.warmup_ratio > 0 and t.warmup_steps > 0),
+        f"train.warmup_steps={t.warmup_steps} and train.warmup_ratio={t.warmup_ratio} are both "
+        "set; set the one you do not want to 0 (e.g. --config.train.warmup_steps=0)")
   check(t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
         f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum="
         f"{t.grad_accum}")
@@ -170,8 +177,13 @@ def _merge(target: ml_collections.ConfigDict, given: Mapping, where: str) -> Non
 
 def make_optimizer(t: ml_collections.ConfigDict, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup + cosine decay, after global-norm clipping."""
-  warmup = min(t.warmup_steps, max(total_steps - 1, 0))
+  """AdamW with linear warmup + cosine decay, after global-norm clipping.
+
+  The decay always spans `total_steps`; with train.warmup_ratio the warmup does too, so the LR
+  at a given fraction of training is the same whatever the run's length.
+  """
+  warmup = round(t.warmup_ratio * total_steps) if t.warmup_ratio > 0 else t.warmup_steps
+  warmup = min(warmup, max(total_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.lr, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=t.lr * t.min_lr_ratio)

@@ -219,3 +219,71 @@ def test_sample_seed_draws_a_seeded_subset_in_file_order():
                                                                    sample_seed=0)]
   order = [int(r["id"].rsplit("-", 1)[1]) for r in sample]
   assert order == sorted(order)
+
+
+# ------------------------------------------------------------------------------ partial copies
+
+
+def _hf_answers(monkeypatch, rows):
+  """A fake `datasets` that serves `rows` (None: offline) and records each call."""
+  calls = []
+
+  def load_dataset(name, config, split):
+    calls.append(name)
+    if rows is None:
+      raise ConnectionError("offline")
+    return rows
+
+  _fake_module(monkeypatch, "datasets", load_dataset=load_dataset)
+  _fake_module(monkeypatch, "tensorflow_datasets")  # no load(): fails too
+  return calls
+
+
+def test_only_the_two_train_copies_are_partial():
+  partial = {(t.name, s) for t in tasks.TASKS.values() for s, spec in t.splits.items()
+             if spec.bundled_note}
+  assert partial == {("xnli", "train"), ("xquad", "train")}
+
+
+def test_refusing_subsets_goes_to_the_hub_for_the_full_set(monkeypatch):
+  calls = _hf_answers(monkeypatch, [{"premise": "p", "hypothesis": "h", "label": 0}] * 3)
+  rows = get_task("xnli").load("train", "en", allow_subset=False)
+  assert rows.source == "hf:nyu-mll/multi_nli" and len(rows) == 3
+  assert calls == ["nyu-mll/multi_nli"]
+
+
+def test_subset_refused_in_one_line_naming_both_fixes(monkeypatch):
+  calls = _hf_answers(monkeypatch, None)
+  with pytest.raises(tasks.DataNotFoundError) as e:
+    get_task("squad").load("train", "en", allow_subset=False)
+  message = str(e.value)
+  assert type(e.value).__name__ == "SubsetError" and "\n" not in message
+  assert "data/squad/train.jsonl" in message and "4370 of 87599" in message
+  assert "allow_subset=True" in message and "data_source=hf" in message
+  assert "hf:rajpurkar/squad failed (ConnectionError)" in message
+  assert calls == ["rajpurkar/squad"]
+
+
+def test_accepted_subset_is_bundled_first_and_warns_only_by_default(monkeypatch, caplog):
+  calls = _hf_answers(monkeypatch, None)
+  with caplog.at_level(logging.WARNING):
+    quiet = get_task("xnli").load("train", "en", limit=2, allow_subset=True)
+  assert quiet.source == str(tasks.DATA_DIR / "mnli" / "train.jsonl")
+  assert "bundled copy" not in caplog.text
+  with caplog.at_level(logging.WARNING):
+    legacy = get_task("xnli").load("train", "en", limit=2)
+  assert legacy.source == quiet.source and "bundled copy is a 9000-row" in caplog.text
+  assert not calls  # The hub is never asked when the subset is accepted.
+
+
+def test_complete_bundled_splits_and_data_dir_are_never_refused(monkeypatch, tmp_path):
+  calls = _hf_answers(monkeypatch, None)
+  for name, split, lang in (("mgsm", "train", "en"), ("mgsm", "test", "th"),
+                            ("xnli", "test", "zh"), ("xquad", "test", "th")):
+    rows = get_task(name).load(split, lang, limit=1, allow_subset=False)
+    assert rows.source.startswith(str(tasks.DATA_DIR))
+  _write(tmp_path / "mnli" / "train.jsonl",
+         [json.dumps({"premise": "p", "hypothesis": "h", "label": "neutral"})])
+  rows = get_task("xnli").load("train", "en", data_dir=str(tmp_path), allow_subset=False)
+  assert rows.source == str(tmp_path / "mnli" / "train.jsonl")
+  assert not calls

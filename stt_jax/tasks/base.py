@@ -37,6 +37,11 @@ class DataNotFoundError(FileNotFoundError):
   """No source could supply a split."""
 
 
+class SubsetError(DataNotFoundError):
+  """Only a partial bundled copy has the split, and the caller did not accept
+  subsets (allow_subset=False)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Field:
   """A text field the self-translation stage must translate.
@@ -59,7 +64,9 @@ class Split:
     languages gives the same id, which is how parallel rows are paired.
   hf: (dataset, config or None, split) for `datasets.load_dataset`.
   tfds: (name, split) for `tensorflow_datasets.load`.
-  bundled_note: warned when the bundled copy is used (e.g. it is partial).
+  bundled_note: set when the bundled copy is partial; says what it holds. Such
+    a copy is used only when the caller accepts subsets (Task.load
+    allow_subset), so a paper run never trains on it by accident.
   """
   path: str
   id_prefix: str
@@ -194,7 +201,8 @@ class Task:
 
   def load(self, split: str, lang: str = "en", limit: Optional[int] = None,
            data_dir: Optional[str] = None, strict: bool = False,
-           source: str = "auto", sample_seed: Optional[int] = None) -> Rows:
+           source: str = "auto", sample_seed: Optional[int] = None,
+           allow_subset: Optional[bool] = None) -> Rows:
     """Loads `split` in `lang` as checked examples, each with a stable `id`.
 
     limit: the first `limit` rows; with `sample_seed`, a seeded random `limit`
@@ -205,12 +213,21 @@ class Task:
     Sources, first that has the split wins: `data_dir` (same layout and
     schema as the bundled data/), the bundled data/, Hugging Face `datasets`,
     TFDS. `source` narrows that to "local" (the first two), "hf" or "tfds".
+
+    allow_subset: whether a partial bundled copy (Split.bundled_note: SQuAD
+    and MultiNLI train) may stand in for the full split. True: yes, quietly.
+    None (the default, for callers that predate the flag): yes, with a
+    warning. False: it is skipped, so `auto` goes on to HF datasets and TFDS
+    for the full set, and SubsetError (one line) is raised when only the
+    subset exists. Complete bundled splits are never affected.
     Malformed rows are skipped, logged and listed in `rows.malformed`; with
     strict=True the first one raises ValueError naming file:line.
     """
     spec = self._split(split, lang)
-    where, records = self._open(split, spec, lang, data_dir, source)
-    if where.startswith(str(DATA_DIR)) and spec.bundled_note:
+    where, records = self._open(split, spec, lang, data_dir, source,
+                                allow_subset is not False)
+    if (where.startswith(str(DATA_DIR)) and spec.bundled_note
+        and allow_subset is None):
       _log.warning("%s %s: bundled copy is %s", self.name, split,
                    spec.bundled_note)
     rows = Rows(source=where)
@@ -262,13 +279,18 @@ class Task:
     return spec
 
   def _openers(self, spec: Split, lang: str, data_dir: Optional[str],
-               source: str) -> Iterator[tuple[str, Callable[[], Any]]]:
-    """(label, opener) for each source in order of preference."""
+               source: str, allow_subset: bool = True
+               ) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """(label, opener) for each source in order of preference.
+
+    A partial bundled copy is left out unless `allow_subset`.
+    """
     if source not in SOURCES:
       raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     rel = spec.path.format(lang=lang)
     if source in ("auto", "local"):
-      for root in ([data_dir] if data_dir else []) + [DATA_DIR]:
+      bundled = [DATA_DIR] if allow_subset or not spec.bundled_note else []
+      for root in ([data_dir] if data_dir else []) + bundled:
         path = pathlib.Path(root) / rel
         yield str(path), lambda path=path: _open_jsonl(path)
     if source in ("auto", "hf") and spec.hf:
@@ -281,9 +303,11 @@ class Task:
       yield f"tfds:{name}", lambda: _open_tfds(name, split)
 
   def _open(self, split: str, spec: Split, lang: str,
-            data_dir: Optional[str], source: str) -> tuple[str, Any]:
+            data_dir: Optional[str], source: str,
+            allow_subset: bool = True) -> tuple[str, Any]:
     tried = []
-    for label, opener in self._openers(spec, lang, data_dir, source):
+    for label, opener in self._openers(spec, lang, data_dir, source,
+                                       allow_subset):
       try:
         return label, opener()
       except FileNotFoundError:
@@ -293,12 +317,26 @@ class Task:
       except Exception as e:  # pylint: disable=broad-exception-caught
         tried.append(f"{label} failed ({type(e).__name__})")
     rel = spec.path.format(lang=lang)
+    if (not allow_subset and source in ("auto", "local")
+        and self.partial_copy(spec, lang)):
+      raise SubsetError(
+          f"{self.name} {split!r} [{lang}]: only the bundled data/{rel} has "
+          f"it, and it is {spec.bundled_note.split('; use ')[0]} "
+          f"({'; '.join(tried) or 'no other source tried'}); accept it with "
+          "allow_subset=True (config: --config.task.allow_subset=True) or load "
+          "the full set with source='hf' (--config.task.data_source=hf; or "
+          f"tfds) or a data_dir holding {rel}")
     raise DataNotFoundError(
         f"No data for {self.name} {split!r} [{lang}] ({'; '.join(tried)}). "
         f"Supply it in one of three ways: the bundled data/{rel} in the repo, "
         f"--data_dir=<folder> holding {rel} in the same jsonl schema (see "
         "docs/tasks.md), or Hugging Face `datasets`/TFDS with network access"
         + (f" ({spec.hf[0]})" if spec.hf else "") + ".")
+
+  def partial_copy(self, spec: Split, lang: str) -> Optional[pathlib.Path]:
+    """The bundled file of `spec` in `lang` if it exists and is partial."""
+    path = DATA_DIR / spec.path.format(lang=lang)
+    return path if spec.bundled_note and path.is_file() else None
 
   def _checked(self, record: Mapping[str, Any], split: str, lang: str,
                index: int, spec: Split) -> Example:
