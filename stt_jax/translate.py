@@ -96,8 +96,7 @@ def default_translate_config() -> ml_collections.ConfigDict:
   c.filters.repeat_min_count = 4  # a unit repeated this many times in a row ...
   c.filters.repeat_min_chars = 16  # ... over at least this many chars is a loop
   c.filters.script_min_fraction = 0.5  # th/zh/ru: share of letters in the target script ...
-  c.filters.script_ignore_copied = True  # ... not counting words copied from the source
-  c.filters.copied_max_words = 3  # (names, units) in runs of at most this many words
+  c.filters.script_ignore_copied = True  # ... not counting names/units copied from the source
   c.filters.numbers_tasks = ("mgsm",)  # tasks whose translations keep every source number
   c.filters.length_ratio = dict(LENGTH_RATIO)  # lang -> (min, max) translated/source chars
   c.filters.fuzzy_min_score = 80.0  # SQuAD answers: rapidfuzz partial_ratio to accept a span
@@ -117,8 +116,7 @@ def filter_config(cfg, task: str | None = None) -> tf.FilterConfig:
   f = cfg.filters
   return tf.FilterConfig(tuple(f.enabled), f.min_chars, f.repeat_min_count, f.repeat_min_chars,
                          f.script_min_fraction, {k: tuple(v) for k, v in f.length_ratio.items()},
-                         f.script_ignore_copied, f.copied_max_words,
-                         task is not None and task in f.numbers_tasks)
+                         f.script_ignore_copied, task is not None and task in f.numbers_tasks)
 
 
 # ------------------------------------------------------------------------------ prompts

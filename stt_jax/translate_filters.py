@@ -6,8 +6,9 @@ its token budget, writes the wrong script (Latin instead of Thai) or a text far 
 long. Each check returns the name of the reason so the stage can count drops by reason.
 
 Two checks judge the translation rather than what it rightly keeps from the source: the script
-ratio leaves out words copied from the source (names, units: 'Natalia在四月份卖了48个发夹。'
-is all Chinese), and for math every number of the source must still be in the translation.
+ratio leaves out names and units copied from the source ('Natalia在四月份卖了48个发夹。' is all
+Chinese, '他吃了 48 块 because 32 + 16 = 48' is not), and for math every number of the source
+must still be in the translation.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ class FilterConfig:
   length_ratio: Mapping[str, tuple[float, float]] = dataclasses.field(
       default_factory=lambda: {"default": (0.3, 3.0)})
   script_ignore_copied: bool = True
-  copied_max_words: int = 3
   numbers: bool = False  # on for math tasks (translate.filter_config)
 
   def ratio_bounds(self, lang: str) -> tuple[float, float]:
@@ -69,37 +69,49 @@ def _in_script(c: str, ranges) -> bool:
   return any(lo <= ord(c) <= hi for lo, hi in ranges)
 
 
-def _copied_letters(text: str, source: str, ranges, max_words: int) -> int:
-  """Letters of `text` in words copied from `source` (case-insensitively) that stand in runs of
-  at most `max_words` such words between target-script letters: names and units kept in a
-  Chinese or Thai sentence. A longer run ('tennis balls. He buys 2 more') is untranslated
-  English and still counts against the script ratio."""
-  known = {w.casefold() for w in _WORD.findall(source)}
-  copied, run = 0, []
+# Common English words that start sentences ('If', 'How', 'She'): capitalised there, but no name.
+_COMMON = frozenset("""
+a an the and or but so if then when while where what which who whom whose why how i he she it we
+they you me him her us them his its our their your my this that these those there here in on at
+by for from to of with into after before since because as also each every all some any no not
+one two next first finally now today yesterday tomorrow once is are was were be do does did
+can could will would should may might must has have had let""".split())
+_SENTENCE_START = re.compile(r"(?:^|[.!?:;]['\"’”)\]]*)\s*['\"“‘(\[]*$")
 
-  def close():
-    nonlocal copied
-    if run and len(run) <= max_words and all(w.casefold() in known for w in run):
-      copied += sum(map(len, run))
-    run.clear()
 
-  for m in _WORD.finditer(text):
-    for target, piece in itertools.groupby(m.group(0), lambda c: _in_script(c, ranges)):
-      if target:
-        close()
-      else:
-        run.append("".join(piece))
-  close()
+def kept_words(source: str) -> set[str]:
+  """Case-folded words of an English `source` that a translation may keep as they are: names and
+  acronyms (capitalised, other than a common word opening a sentence: 'Natalia', 'May', 'YMCA',
+  'S') and unit-like words without a vowel ('km', 'mph', 'x'). Other copied words ('earns',
+  'because') are untranslated English."""
+  kept = set()
+  for m in _WORD.finditer(source):
+    word = m.group(0)
+    opens = _SENTENCE_START.search(source[max(0, m.start() - 8):m.start()]) is not None
+    if (word[0].isupper() and not (opens and word.casefold() in _COMMON)) or \
+        not re.search(r"[aeiouy]", word, re.IGNORECASE):
+      kept.add(word.casefold())
+  return kept
+
+
+def _copied_letters(text: str, source: str, ranges) -> int:
+  """Letters of `text` outside the target script in names and units kept from `source` (see
+  kept_words; matched case-insensitively): 'Natalia' or 'km' in a Chinese or Thai sentence."""
+  known, copied = kept_words(source), 0
+  for m in _WORD.finditer(text):  # '王恩Natalia' -> '王恩', 'Natalia'
+    for target, group in itertools.groupby(m.group(0), lambda c: _in_script(c, ranges)):
+      piece = "".join(group)
+      if not target and piece.casefold() in known:
+        copied += len(piece)
   return copied
 
 
-def script_fraction(text: str, lang: str, source: str | None = None,
-                    max_copied_words: int = 3) -> float | None:
+def script_fraction(text: str, lang: str, source: str | None = None) -> float | None:
   """Share of `text`'s letters in `lang`'s script; None if `lang` has no script check or the
   text has no letters (numbers and formulas are fine in any language).
 
-  With `source`, short runs of words copied from it are left out (see _copied_letters); a
-  text made only of copied words scores 0.0: nothing in it was translated.
+  With `source`, names and units kept from it are left out (see _copied_letters); a text made
+  only of those scores 0.0: nothing in it was translated.
   """
   ranges = SCRIPTS.get(lang)
   found = letters(text)
@@ -108,7 +120,7 @@ def script_fraction(text: str, lang: str, source: str | None = None,
   inside = sum(_in_script(c, ranges) for c in found)
   total = len(found)
   if source is not None:
-    total -= _copied_letters(text, source, ranges, max_copied_words)
+    total -= _copied_letters(text, source, ranges)
   return inside / total if total else 0.0
 
 
@@ -161,8 +173,7 @@ def check(source: str, output: str, lang: str, cfg: FilterConfig, truncated: boo
     return "numbers" if numbers and missing_numbers(source, output) else None
   if "copy" in on and _normal(output) == _normal(source) and has_letters(source):
     return "copy"
-  fraction = script_fraction(output, lang, source if cfg.script_ignore_copied else None,
-                             cfg.copied_max_words)
+  fraction = script_fraction(output, lang, source if cfg.script_ignore_copied else None)
   if "script" in on and fraction is not None and fraction < cfg.script_min_fraction:
     return "script"
   lo, hi = cfg.ratio_bounds(lang)

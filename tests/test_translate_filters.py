@@ -89,12 +89,20 @@ def test_script_ratio_leaves_out_names_and_units_copied_from_the_source():
   assert tf.script_fraction("Natalia在Juni卖了48个发夹。", "zh", NATALIA) == pytest.approx(6 / 10)
 
 
-def test_long_copied_runs_and_copies_still_fail_the_script_check():
-  # 'tennis balls. He buys 2 more cans' is 6 copied words in a row: untranslated English.
+def test_copied_common_words_are_untranslated_english_not_names():
+  """Measured on GSM8K -> zh: '他吃了 48 块 because 32 + 16 = 48' must stay a script drop."""
+  assert tf.kept_words("If Weng walks 3 km to the YMCA, she earns 0.2 x 50 = $10. Then S + "
+                       "2S.") == {"weng", "km", "ymca", "x", "s"}
+  src = "He eats 48 pieces because 32 + 16 = 48"
+  assert tf.check(src, "他吃了 48 块 because 32 + 16 = 48", "zh", CFG) == "script"
+  src = "Weng earns 12/60 = $0.2 per minute."
+  assert tf.check(src, "王恩 earns 12/60 = $0.2 per minute。", "zh", CFG) == "script"
+  assert tf.check(src, "Weng 每分钟赚 12/60 = 0.2 美元。", "zh", CFG) is None
+
+
+def test_untranslated_english_and_bare_names_still_fail_the_script_check():
   assert tf.check(SRC, "Roger有5个tennis balls. He buys 2 more cans.", "zh", CFG) == "script"
-  few = tf.FilterConfig(length_ratio=CFG.length_ratio, copied_max_words=6)
-  assert tf.check(SRC, "Roger有5个tennis balls. He buys 2 more cans.", "zh", few) is None
-  # Only copied words, no Chinese at all: nothing was translated.
+  # Only kept names, no Chinese at all: nothing was translated.
   assert tf.script_fraction("Natalia April May", "zh", NATALIA) == 0.0
   assert tf.check(NATALIA, "Natalia, April, May: 48", "zh", CFG) == "script"
 
