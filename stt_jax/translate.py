@@ -290,8 +290,9 @@ class Translator:
     return min(cfg.max_new_tokens, _next_pow2(int(need) + cfg.max_new_slack))
 
   def run(self, prompts: Sequence[str], sources: Sequence[str]
-          ) -> Iterator[list[tuple[int, str, int, int]]]:
-    """Yields each decoded batch as [(index, translation, generated tokens, budget)]."""
+          ) -> Iterator[list[tuple[int, str, int, int, bool]]]:
+    """Yields each decoded batch as [(index, translation, generated tokens, budget, stopped)];
+    stopped is False when the row used its whole budget without a newline or EOS."""
     budgets = [self.budget(s) for s in sources]
     order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(prompts[i])))
     size = self.decoder.batch_size
@@ -299,25 +300,26 @@ class Translator:
       chunk = order[k:k + size]
       budget = max(budgets[i] for i in chunk)
       batch = []
-      for j, text in decode.generate_stream(
+      for j, done in decode.generate_stream(
           self.model, self.tokenizer, [prompts[i] for i in chunk], max_new_tokens=budget,
-          stop=("\n",), decoder=self.decoder, truncate=self.cfg.truncate, progress=False):
-        ntok = len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
-        batch.append((chunk[j], text.strip(), ntok, budget))
+          stop=("\n",), decoder=self.decoder, truncate=self.cfg.truncate, progress=False,
+          details=True):
+        batch.append((chunk[j], done.text.strip(), done.num_tokens, budget, done.stopped))
       yield batch
 
   def translate(self, prompts: Sequence[str], sources: Sequence[str], desc: str,
                 on_batch: Callable[[list[dict]], None] | None = None
                 ) -> tuple[list[dict], Throughput]:
-    """Records {src, out, ntok, budget} in order; `on_batch` sees each batch as it finishes."""
+    """Records {src, out, ntok, budget, stopped} in order (ntok: generated tokens, the stop
+    token included); `on_batch` sees each batch as it finishes."""
     results: list[dict] = [{} for _ in sources]
     speed, start = Throughput(), time.perf_counter()
     bar = tqdm(total=len(sources), desc=desc, unit="seg", disable=not self.cfg.progress,
                dynamic_ncols=True)
     with bar:
       for batch in self.run(prompts, sources):
-        records = [{"src": sources[i], "out": out, "ntok": ntok, "budget": budget}
-                   for i, out, ntok, budget in batch]
+        records = [{"src": sources[i], "out": out, "ntok": ntok, "budget": budget,
+                    "stopped": stopped} for i, out, ntok, budget, stopped in batch]
         for (i, *_), record in zip(batch, records):
           results[i] = record
         if on_batch:
@@ -335,6 +337,10 @@ def _next_pow2(n: int, minimum: int = 16) -> int:
 
 
 def is_truncated(record: Mapping[str, Any]) -> bool:
+  """The decoder used the whole token budget without a stop (newline or EOS). Records of
+  caches written before `stopped` existed: re-encoded length >= budget, as then."""
+  if "stopped" in record:
+    return not record["stopped"]
   return record.get("ntok", 0) >= record.get("budget", float("inf"))
 
 
@@ -399,7 +405,9 @@ def translate_task(model, tokenizer, task_name: str, lang: str, config, workdir:
            "throughput": speed.as_dict()}
   _barrier(f"translate-{name}-decoded")
   if index == 0:
-    result = assemble(task, rows, plan, _lookup(cache, ident, todo), lang, cfg)
+    found = _lookup(cache, ident, todo)
+    stats["segments"]["truncated"] = sum(map(is_truncated, found.values()))
+    result = assemble(task, rows, plan, found, lang, cfg)
     stats.update(result.stats)
     stats["segments"]["rejected"] = result.segment_rejects
     stats["rejected_samples"] = result.reject_samples

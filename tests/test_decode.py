@@ -1,5 +1,8 @@
 """Decoding: token-identical to transformers greedy, batched == single, sharded == unsharded,
-stop conditions and context-length policy."""
+stop conditions (stop strings exact on both fixture tokenizers) and context-length policy."""
+
+import os
+import random
 
 import numpy as np
 import pytest
@@ -157,3 +160,132 @@ def test_shared_prefix_is_prefilled_once_with_identical_output(qwen):
                                                          decode.Sampling()) == shared
   # A prompt that is entirely the common prefix keeps one token of its own.
   assert decode.Decoder(model, batch_size=4).shared_prefix_len([common, common + [5]]) == 44
+
+
+# ------------------------------------------------------------------------------ stop strings
+
+
+def rigged(kind: str, folder: str, chain, after: int | None = None, **overrides) -> str:
+  """A tiny Llama whose greedy output is fixed: `chain` (distinct ids) in order after any
+  other token, then `after` (default: the chain again). All layer outputs are zeroed, so the
+  next token depends only on the current one (embedding one-hot -> lm_head row)."""
+  hf_tiny.make_tiny("llama_gqa", folder, vocab_size=hf_tiny.vocab_size(kind), **overrides)
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+  assert len(set(chain)) == len(chain) < 63, chain
+  after = chain[0] if after is None else after
+  with torch.no_grad():
+    for layer in model.model.layers:
+      layer.self_attn.o_proj.weight.zero_()
+      layer.mlp.down_proj.weight.zero_()
+    model.model.norm.weight.fill_(1.0)
+    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+    emb.zero_()
+    emb[:, 63] = 1.0  # Any other token: dimension 63, followed by chain[0].
+    head.zero_()
+    head[chain[0], 63] = 10.0
+    for d, t in enumerate(chain):
+      emb[t] = 0.0
+      emb[t, d] = 1.0
+      head[chain[d + 1] if d + 1 < len(chain) else after, d] = 10.0
+  model.save_pretrained(folder)
+  return folder
+
+
+def first_stop(tok, ids, stops):
+  """Brute force: tokens until the decoded text first contains a stop string."""
+  for n in range(1, len(ids) + 1):
+    text = tok.decode(ids[:n], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if any(s in text for s in stops):
+      return n
+  return None
+
+
+def test_stop_table_matches_substring_search():
+  """The automaton fires exactly when the text first contains a stop (overlaps, borders,
+  empty tokens, a first token whose leading space the decoder drops)."""
+  ctx = [b"a", b"aa", b"b", b"ab", b"aab", b"x", b"", b" a", b"ba", b"aaab", b" "]
+  lone = ctx[:7] + [b"a"] + ctx[8:10] + [b""]
+  texts = decode.TokenBytes(ctx, lone)
+  stops = ("aab", "aa", " a", "abab", "baab")
+
+  def simulate(table, seq):
+    state = [table.shape[1] - 1] * table.shape[0]
+    for n, t in enumerate(seq):
+      state = [int(table[i, s, t]) for i, s in enumerate(state)]
+      if min(state) < 0:
+        return n + 1
+    return None
+
+  def brute(stop, seq):
+    text = b""
+    for n, t in enumerate(seq):
+      text += ctx[t] if text or any(ctx[u] for u in seq[:n]) else lone[t]
+      if stop.encode() in text:
+        return n + 1
+    return None
+
+  assert simulate(decode.build_stop_table(texts, ("aab",)), [0, 0, 0, 2]) == 4  # a a a|b
+  assert simulate(decode.build_stop_table(texts, ("aab",)), [1, 3]) == 2  # aa|ab
+  assert simulate(decode.build_stop_table(texts, ("aab",)), [0, 9]) == 2  # a|aaab
+  assert simulate(decode.build_stop_table(texts, (" a",)), [7]) is None  # lone 'a'
+  assert simulate(decode.build_stop_table(texts, (" a",)), [6, 7]) is None  # empty first
+  assert simulate(decode.build_stop_table(texts, (" a",)), [10, 7]) == 2  # ' ' dropped
+  rng = random.Random(0)
+  for stop in stops:
+    table = decode.build_stop_table(texts, (stop,))
+    assert table.dtype == np.int8 and table.shape == (1, 8, len(ctx))
+    for _ in range(300):
+      seq = [rng.randrange(len(ctx)) for _ in range(rng.randrange(1, 8))]
+      assert simulate(table, seq) == brute(stop, seq), (stop, seq)
+  both = decode.build_stop_table(texts, stops, vocab_size=len(ctx) + 3)
+  assert both.shape == (len(stops), 8, len(ctx) + 3)
+  assert simulate(both, [len(ctx), 0, len(ctx) + 1, 0]) == 4  # out-of-vocab ids change nothing
+  assert decode.build_stop_table(texts, ("",)) is None
+
+
+@pytest.mark.parametrize("kind", hf_tiny.TOKENIZERS)
+def test_stop_strings_end_at_the_right_token(kind, tmp_path):
+  """Stop strings of several tokens end decoding on device at the token that completes them
+  (Llama-2 SentencePiece: the '▁' space and <0x0A> byte pieces), counted in tokens."""
+  tok = hf_tiny.tokenizer(kind)
+  nl = tok.encode("a\n", add_special_tokens=False)[-1]
+  assert tok.decode([nl]) == "\n"
+  budget = 24
+  model, _ = load_hf(rigged(kind, os.fspath(tmp_path / "nl"), [nl]))
+  run = lambda stop, n=budget: decode.generate(model, tok, ["Hi"], n, stop=stop,
+                                               details=True)[0]
+  assert run(("\n\n",)) == decode.Completion("", 2, True)
+  assert run(("\n\n\n",)) == decode.Completion("", 3, True)
+  assert run(()) == decode.Completion("\n" * budget, budget, False)
+
+  chain = tok.encode("Lab 7.\nQuestion:", add_special_tokens=False)
+  prompt = "xyz"
+  assert not set(tok.encode(prompt + "zz")) & set(chain)
+  model, _ = load_hf(rigged(kind, os.fspath(tmp_path / "chain"), chain))
+  looped = (chain * 3)[:budget]
+  for stops in [("\nQuestion:",), (" 7",), ("b 7.",), (".\nQ",), ("ion:",), ("ab",),
+                (" L",), ("ion:", "b 7")]:
+    want = first_stop(tok, looped, stops)
+    got = decode.generate(model, tok, [prompt], budget, stop=stops, details=True)[0]
+    assert (got.num_tokens, got.stopped) == ((want, True) if want else (budget, False)), \
+        (stops, got, want)
+  got = decode.generate(model, tok, [prompt, "zz"], budget, stop=("\nQuestion:",),
+                        details=True)
+  assert got == [decode.Completion("Lab 7.", len(chain), True)] * 2
+  # A stop on the last allowed token counts as stopped; one token less is truncated.
+  assert decode.generate(model, tok, [prompt], len(chain), stop=("\nQuestion:",),
+                         details=True)[0].stopped
+  cut = decode.generate(model, tok, [prompt], len(chain) - 1, stop=("\nQuestion:",),
+                        details=True)[0]
+  assert cut == decode.Completion(tok.decode(chain[:-1]), len(chain) - 1, False)
+  assert decode.generate(model, tok, [prompt], budget, stop=("zz",), details=True)[0] == \
+      decode.Completion(tok.decode(looped), budget, False)
+
+
+def test_details_count_eos_as_stopped(tmp_path):
+  tok = hf_tiny.tokenizer("sp")
+  chain = tok.encode("Lab 7.", add_special_tokens=False)
+  model, _ = load_hf(rigged("sp", os.fspath(tmp_path / "eos"), chain, after=tok.eos_token_id))
+  assert decode.generate(model, tok, ["xyz"], 16, stop=("\n",), details=True) == \
+      [decode.Completion("Lab 7.", len(chain) + 1, True)]
+  assert decode.generate(model, tok, ["xyz"], 16, stop=("\n",)) == ["Lab 7."]

@@ -18,10 +18,11 @@ import time
 
 import pytest
 
-from stt_jax import translate
+from stt_jax import decode, translate
 from stt_jax.models import load_hf
 from stt_jax.tasks import get_task
 from tests import hf_tiny
+from tests.test_decode import rigged
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ class FakeDecoder:
     self.sources: list[str] = []
     self.fail_after, self.batch, self.batches = fail_after, batch, 0
 
-  def __call__(self, model, tokenizer, prompts, **kwargs):
+  def __call__(self, model, tokenizer, prompts, details=False, **kwargs):
     del model, tokenizer, kwargs
     for k in range(0, len(prompts), self.batch):
       if self.fail_after is not None and self.batches >= self.fail_after:
@@ -50,7 +51,8 @@ class FakeDecoder:
       self.batches += 1
       for i in range(k, min(k + self.batch, len(prompts))):
         self.sources.append(source_of(prompts[i]))
-        yield i, " " + fake_translation(source_of(prompts[i]))
+        text = " " + fake_translation(source_of(prompts[i]))
+        yield i, (decode.Completion(text, len(text.split()) + 1, True) if details else text)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +175,7 @@ def tf_segments(text, cfg):
 def test_codeswitched_rows(tiny, tmp_path, monkeypatch):
   monkeypatch.setattr(translate.decode, "generate_stream", FakeDecoder())
   cfg = small_config(limit=3)
+  cfg.filters.numbers_tasks = ()  # The fake reverses numbers too ('16' -> '61').
   stats = translate.translate_task(*tiny, "mgsm", "de", cfg, tmp_path)
   cs = [json.loads(line) for line in read(tmp_path, "mgsm_de.cs.jsonl").splitlines()]
   en = get_task("mgsm").load("train", "en", limit=3)
@@ -405,3 +408,36 @@ def test_translation_scores():
   assert perfect["chrf"] == 100 and perfect["bleu"] == 100 and perfect["bleu_tokenize"] == "13a"
   assert translate.translation_scores(["你好"], ["你好吗"], "zh")["bleu_tokenize"] == "zh"
   assert translate.translation_scores(["สวัสดี"], ["สวัสดี"], "th")["chrf"] == 100
+
+
+@pytest.mark.parametrize("kind", hf_tiny.TOKENIZERS)
+def test_segments_stop_at_newline_or_count_as_truncated(kind, tmp_path):
+  """Real decoding with rigged models on both tokenizers: one always answers 'Hund.' and a
+  newline (kept, ntok = its tokens), the other never writes a newline (every segment hits its
+  budget: truncated, dropped, counted in the stats)."""
+  tok = hf_tiny.tokenizer(kind)
+  cfg = small_config(limit=2, max_new_tokens=16)
+  answer = tok.encode("Hund.\n", add_special_tokens=False)
+  for name, chain in (("stops", answer), ("runs_away", answer[:-1])):
+    folder = rigged(kind, str(tmp_path / name), chain, max_position_embeddings=1024)
+    model, _ = load_hf(folder)
+    stats = translate.translate_task(model, tok, "xnli", "de", cfg, tmp_path / name)
+    part = tmp_path / name / "translations" / "cache" / "xnli_de.part000.jsonl"
+    records = [json.loads(line) for line in part.read_text().splitlines()]
+    assert len(records) == stats["segments"]["decode"] > 0
+    saved = json.loads(read(tmp_path / name, "xnli_de.stats.json"))
+    if name == "stops":
+      assert all(r["out"] == "Hund." and r["stopped"] and r["ntok"] == len(answer)
+                 for r in records), records
+      assert saved["segments"]["truncated"] == 0 and "truncated" not in saved["dropped"]
+    else:
+      assert all(not r["stopped"] and r["ntok"] == r["budget"] == 16 for r in records), records
+      assert saved["segments"]["truncated"] == len(records)
+      assert saved["dropped"] == {"truncated": 2} and saved["kept"] == 0
+
+
+def test_is_truncated_uses_the_stop_flag_and_reads_old_caches():
+  assert translate.is_truncated({"ntok": 3, "budget": 16, "stopped": False})
+  assert not translate.is_truncated({"ntok": 16, "budget": 16, "stopped": True})
+  assert translate.is_truncated({"ntok": 16, "budget": 16})  # before `stopped` existed
+  assert not translate.is_truncated({"ntok": 15, "budget": 16})
