@@ -114,6 +114,10 @@ def score_model(model, tokenizer, cfg, variant: str, step: int, workdir: str, me
                               max_new_tokens=cfg.eval.max_new_tokens, mesh=mesh,
                               desc=f"eval {variant}@{step} {lang}")
     preds = _gather_predictions(res["predictions"], test, workdir, variant, step, task.name, lang)
+    truncated = res["truncated"]  # Generations that hit eval.max_new_tokens, all hosts'.
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      truncated = int(np.sum(multihost_utils.process_allgather(np.int32(truncated))))
     if jax.process_index() != 0:
       continue
     per_example = [task.example_scores(p, r) for p, r in zip(preds, test)]
@@ -126,7 +130,7 @@ def score_model(model, tokenizer, cfg, variant: str, step: int, workdir: str, me
                    "metric": name, "value": float(np.mean(values)), "ci_low": lo, "ci_high": hi,
                    "n": len(test), "seconds": round(res["seconds"], 2),
                    "model": model_label(cfg), "params": model.config.num_params(),
-                   "method": cfg.eval.method, "time": time.time()})
+                   "method": cfg.eval.method, "truncated": truncated, "time": time.time()})
     logging.info("eval %s@%d %s %s: %s", variant, step, task.name, lang,
                  {r["metric"]: round(r["value"], 4) for r in rows[-len(task.metric_names):]})
   return rows

@@ -123,10 +123,13 @@ def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None):
 def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *,
                 method: str = "generate", batch_size: int = 8, max_new_tokens: int = 256,
                 mesh=None, desc: str = "eval") -> dict:
-  """Metrics of `model` on `rows`: {metrics: {name: (value, lo, hi)}, n, seconds, predictions}.
+  """Metrics of `model` on `rows`: {metrics: {name: (value, lo, hi)}, n, seconds, predictions,
+  stopped, truncated}.
 
   method: 'generate' (greedy, stop at the task's stop sequences, extract the answer) or
-  'loglik' (rank the task's label words; XNLI).
+  'loglik' (rank the task's label words; XNLI). stopped[i] is False when generation i used all
+  `max_new_tokens` (its answer may be cut off; None for loglik); truncated counts those, so
+  a score lowered by a too-small budget shows in the report.
   """
   start = time.perf_counter()
   if method == "loglik":
@@ -134,13 +137,15 @@ def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *
       raise ValueError(f"eval.method='loglik' needs a task with label words; {task.name} has "
                        "none (use 'generate')")
     predictions = task.rank_labels(rows, loglik_fn(model, tokenizer, batch_size, mesh))
+    stopped = None
   elif method == "generate":
     prompts = [task.format_prompt(r) for r in rows]
     predictions = [""] * len(rows)
-    for i, text in decode.generate_stream(
+    stopped = [True] * len(rows)
+    for i, done in decode.generate_stream(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-        stop=task.stop_sequences, batch_size=batch_size, mesh=mesh, desc=desc):
-      predictions[i] = text
+        stop=task.stop_sequences, batch_size=batch_size, mesh=mesh, desc=desc, details=True):
+      predictions[i], stopped[i] = done.text, done.stopped
   else:
     raise ValueError(f"eval.method={method!r}; use 'generate' or 'loglik'")
   per_example = [task.example_scores(p, r) for p, r in zip(predictions, rows)]
@@ -150,4 +155,5 @@ def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *
     lo, hi = bootstrap_ci(values)
     result[name] = (float(np.mean(values)) if values else float("nan"), lo, hi)
   return {"metrics": result, "n": len(rows), "seconds": time.perf_counter() - start,
-          "predictions": predictions}
+          "predictions": predictions, "stopped": stopped,
+          "truncated": 0 if stopped is None else stopped.count(False)}

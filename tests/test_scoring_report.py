@@ -1,6 +1,7 @@
 """Eval scoring (log-likelihood vs transformers, bootstrap CI), report table/plot, config
 schema errors."""
 
+import csv
 import json
 import os
 
@@ -60,20 +61,40 @@ def test_score_split_xnli_loglik_and_generate(tmp_path):
     scoring.score_split(model, tok, get_task("mgsm"), [], "de", method="loglik")
 
 
+def test_score_split_counts_generations_cut_by_the_budget(tmp_path):
+  """A model whose final norm is 0 has all-zero logits, so greedy always emits token 0: with
+  eos_token_id=0 every generation stops at once, otherwise each one runs out of tokens."""
+  tok = hf_tiny.byte_tokenizer()
+  task = get_task("xnli")
+  rows = task.load("test", "de", limit=3)
+  for eos, cut in ((0, 0), (2, 3)):
+    folder = hf_tiny.make_tiny("llama_gqa", str(tmp_path / f"eos{eos}"), eos_token_id=eos)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+      hf.model.norm.weight.zero_()
+    hf.save_pretrained(folder)
+    model, _ = load_hf(folder)
+    res = scoring.score_split(model, tok, task, rows, "de", method="generate",
+                              max_new_tokens=3, batch_size=4)
+    assert res["truncated"] == cut and res["stopped"] == [cut == 0] * 3
+  loglik = scoring.score_split(model, tok, task, rows, "de", method="loglik", batch_size=4)
+  assert (loglik["truncated"], loglik["stopped"]) == (0, None)
+
+
 def test_bootstrap_ci():
   lo, hi = scoring.bootstrap_ci([1.0] * 30 + [0.0] * 70)
   assert lo < 0.3 < hi and hi - lo < 0.25
   assert scoring.bootstrap_ci([1.0, 1.0]) == (1.0, 1.0)
 
 
-def _row(variant, lang, value, step=10, model="m", params=1e6, task="mgsm"):
+def _row(variant, lang, value, step=10, model="m", params=1e6, task="mgsm", **extra):
   return {"variant": variant, "step": step, "task": task, "lang": lang, "metric": "accuracy",
           "value": value, "ci_low": value - 0.05, "ci_high": value + 0.05, "n": 100,
-          "model": model, "params": params, "seconds": 1.0}
+          "model": model, "params": params, "seconds": 1.0, **extra}
 
 
 def test_report_table_deltas_and_plot(tmp_path):
-  rows = [_row("zero_shot", "zh", 0.20), _row("self_translate", "zh", 0.26),
+  rows = [_row("zero_shot", "zh", 0.20), _row("self_translate", "zh", 0.26, truncated=3),
           _row("self_translate", "zh", 0.10, step=5), _row("base", "zh", 0.05, step=0),
           _row("zero_shot", "en", 0.40), _row("self_translate", "en", 0.41),
           _row("zero_shot", "zh", 0.30, model="big", params=7e9),
@@ -83,13 +104,24 @@ def test_report_table_deltas_and_plot(tmp_path):
     for r in rows:
       f.write(json.dumps(r) + "\n")
     f.write('{"torn": ')  # An interrupted writer's last line is skipped.
+  os.makedirs(tmp_path / "runs" / "self_translate" / "train")
+  cut = {"translated": {"zh": {"truncated": 2, "dropped": 1, "of": 50}}}
+  with open(tmp_path / "runs" / "self_translate" / "train" / "metrics.jsonl", "w") as f:
+    f.write(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    f.write(json.dumps({"step": 2, "loss": 1.0, "seq_len_cut": cut}) + "\n")
   md = report.write_report([str(tmp_path)])
-  assert "| self_translate | 26.0 [21.0, 31.0] (+6.0) | 41.0 [36.0, 46.0] (+1.0) |" in md
+  assert "| self_translate | 26.0 [21.0, 31.0] (+6.0) †3 | 41.0 [36.0, 46.0] (+1.0) |" in md
+  assert "†k: k generations hit eval.max_new_tokens" in md
+  assert "- self_translate: translated/zh: 2 truncated, 1 dropped of 50" in md
   assert "| zero_shot | 20.0 [15.0, 25.0] | 40.0 [35.0, 45.0] |" in md
   assert "| base | 5.0 [0.0, 10.0] (-15.0) | — |" in md
   assert (tmp_path / "report.png").stat().st_size > 1000
   lines = (tmp_path / "report.csv").read_text().splitlines()
   assert lines[0].startswith("model,task,metric,variant") and len(lines) == 1 + 7
+  assert lines[0].endswith(",truncated")
+  cut = {(r["model"], r["variant"], r["lang"]): r["truncated"]
+         for r in csv.DictReader(lines)}
+  assert cut[("m", "self_translate", "zh")] == "3" and cut[("m", "zero_shot", "zh")] == ""
 
 
 def test_config_validation_names_nearest_key():
