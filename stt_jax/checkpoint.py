@@ -5,15 +5,23 @@ params, optimizer state, rng) and `meta` (JSON: data-iterator position, anything
 Orbax writes each step into a temporary folder and renames it when complete, so a process
 killed mid-save leaves no `<step>/` folder, only a tmp one that is ignored (and removed when
 the trainer reopens the folder). Restoring takes an abstract target (ShapeDtypeStructs with
-the *new* shardings), so a state saved on one mesh loads onto another. A step that fails to
-restore (truncated or corrupt files) is moved aside to `<dir>.corrupt/` with a warning and the
-previous one is tried.
+the *new* shardings), so a state saved on one mesh loads onto another.
+
+A failed restore is told apart by kind, because each needs a different answer:
+- the saved state does not fit the requested one (a changed `train.lora.rank`, method, ...):
+  `CheckpointMismatchError`, one line naming the changed setting; nothing is moved;
+- the storage failed to answer (an OSError, or tensorstore's UNAVAILABLE / DEADLINE_EXCEEDED /
+  PERMISSION_DENIED ...): retried once, then `CheckpointIOError`; nothing is moved;
+- the data itself is unreadable (truncated or missing files): the step is moved aside to
+  `<dir>.corrupt/` with a warning and the previous one is tried.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Mapping
@@ -26,6 +34,56 @@ from jax.experimental import multihost_utils
 
 class CheckpointError(RuntimeError):
   """A checkpoint step that exists but cannot be read (truncated or corrupt files)."""
+
+
+class CheckpointIOError(OSError):
+  """The storage did not answer a checkpoint read (after one retry); the data may be fine."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose shapes or structure do not fit the state the run asks for."""
+
+
+# Phrases of orbax's errors for a requested state that does not fit the saved one.
+_MISMATCH = ("not compatible with the stored shape", "tree structures do not match",
+             "Requested shape")
+# tensorstore status codes of a storage that failed to answer (not of damaged data), and
+# errno values of the same.
+_IO_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+              "ABORTED", "CANCELLED")
+_IO_ERRNO = (errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.EACCES,
+             errno.EPERM, errno.ENOSPC, errno.ESTALE, errno.EINTR)
+
+
+def error_kind(error: BaseException) -> str:
+  """'mismatch', 'io' or 'corrupt': why a restore failed (see the module docstring)."""
+  seen = set()
+  e = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    text = str(e)
+    if isinstance(e, ValueError) and any(p in text for p in _MISMATCH):
+      return "mismatch"
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and (
+        e.errno is None or e.errno in _IO_ERRNO):
+      return "io"
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if text.split(":", 1)[0].strip() in _IO_STATUS or (code and int(code.group(1)) in _IO_ERRNO):
+      return "io"
+    e = e.__cause__ or e.__context__
+  return "corrupt"
+
+
+def changed_settings(saved: Any, now: Any, prefix: str = "") -> list[str]:
+  """'key: saved -> now' for every leaf of two nested settings dicts that differs."""
+  if isinstance(saved, Mapping) and isinstance(now, Mapping):
+    out = []
+    for key in sorted(set(saved) | set(now), key=str):
+      name = f"{prefix}.{key}" if prefix else str(key)
+      out += changed_settings(saved.get(key, "<unset>"), now.get(key, "<unset>"), name)
+    return out
+  norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+  return [] if norm(saved) == norm(now) else [f"{prefix}={saved!r} (now {now!r})"]
 
 
 class Checkpoints:
@@ -90,28 +148,74 @@ class Checkpoints:
     steps = self.steps()
     return steps[-1] if steps else None
 
-  def restore(self, abstract_state: Any, step: int | None = None
+  def restore(self, abstract_state: Any, step: int | None = None,
+              settings: Mapping[str, Mapping] | None = None
               ) -> tuple[int, Any, dict[str, Any]] | None:
     """(step, state, meta) of `step`, or of the newest readable checkpoint when None; None if
-    there is none. `abstract_state` gives shapes, dtypes and target shardings."""
+    there is none. `abstract_state` gives shapes, dtypes and target shardings.
+
+    settings: {meta key: the run's current settings}, e.g. {"train": t.to_dict()}: when the
+    saved state does not fit, the error names the settings that changed since the save.
+    Raises CheckpointMismatchError (state does not fit), CheckpointIOError (storage failed
+    twice), CheckpointError (`step` given and its data unreadable).
+    """
     candidates = [step] if step is not None else self.steps()[::-1]
     for s in candidates:
       try:
-        out = self._manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        out = self._restore_once(s, abstract_state)
       except Exception as e:  # pylint: disable=broad-exception-caught
-        if step is not None:
-          raise CheckpointError(f"checkpoints: step {s} in {self.directory} cannot be restored "
-                                f"({type(e).__name__}: {str(e)[:300]})") from e
-        logging.warning("checkpoints: step %d in %s cannot be restored (%s: %s); %s and trying "
-                        "the previous one", s, self.directory, type(e).__name__, str(e)[:300],
-                        "skipping it" if self.read_only else
-                        f"moving it to {self.directory}.corrupt/")
-        if not self.read_only:
-          self._quarantine(s)
-        continue
+        kind = error_kind(e)
+        if kind == "io":
+          logging.warning("checkpoints: reading step %d in %s failed (%s); retrying once", s,
+                          self.directory, _short(e))
+          try:
+            out = self._restore_once(s, abstract_state)
+          except Exception as e2:  # pylint: disable=broad-exception-caught
+            e, kind = e2, error_kind(e2)
+            if kind == "io":
+              raise CheckpointIOError(
+                  f"checkpoints: reading step {s} in {self.directory} failed twice "
+                  f"({_short(e)}); nothing was moved or deleted. Check the storage and rerun"
+              ) from e
+        if kind == "mismatch":
+          raise self._mismatch(s, e, settings) from e
+        if kind == "corrupt":
+          if step is not None:
+            raise CheckpointError(f"checkpoints: step {s} in {self.directory} cannot be "
+                                  f"restored ({_short(e)})") from e
+          logging.warning("checkpoints: step %d in %s cannot be restored (%s); %s and trying "
+                          "the previous one", s, self.directory, _short(e),
+                          "skipping it" if self.read_only else
+                          f"moving it to {self.directory}.corrupt/")
+          if not self.read_only:
+            self._quarantine(s)
+          continue
       return s, out.state, dict(out.meta)
     return None
+
+  def _restore_once(self, step: int, abstract_state: Any):
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+
+  def _mismatch(self, step: int, error: BaseException,
+                settings: Mapping[str, Mapping] | None) -> CheckpointMismatchError:
+    """One line: which settings changed since `step` was saved, and the two ways out."""
+    changed = []
+    if settings:
+      try:
+        meta = self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta or {}
+      except Exception:  # pylint: disable=broad-exception-caught
+        meta = {}
+      for key, now in settings.items():
+        if key in meta:
+          changed += changed_settings(meta[key], dict(now), key)
+    what = (f"it was saved with {', '.join(changed[:4])}" if changed else
+            f"its arrays do not fit this run's state ({_short(error, 160)})")
+    return CheckpointMismatchError(
+        f"checkpoints: step {step} in {self.directory} does not fit this config: {what}. Set "
+        "the saved value(s) again to continue it, or use a new --workdir to start over; "
+        "nothing was moved")
 
   def _quarantine(self, step: int) -> None:
     """Moves an unreadable step out of the way so a later save of that step can succeed."""
@@ -122,6 +226,12 @@ class Checkpoints:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint_quarantine_{step}")
     self._manager.reload()
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+  """`Type: first line of the message`, cut: tensorstore messages run to pages."""
+  first = (str(error).strip().splitlines() or [""])[0]
+  return f"{type(error).__name__}: {first[:limit]}"
 
 
 def _listdir(path: str) -> list[str]:

@@ -22,7 +22,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from stt_jax import faults
+from stt_jax import faults, hosts
 
 if os.getcwd() not in sys.path:  # `configs.base` resolves from the repository root.
   sys.path.insert(0, os.getcwd())
@@ -108,7 +108,7 @@ def run_translate(cfg, workdir, tokenizer) -> None:
   for lang in cfg.task.target_langs:
     marker = _translate_marker(workdir, cfg, lang)
     stamp = _translate_stamp(cfg, section, lang)
-    if _read_json(marker) == stamp:
+    if hosts.agree(_read_json(marker) == stamp):  # Process 0 decides for every host.
       logging.info("main: translations for %s are up to date; skipping", lang)
       continue
     if model is None:
@@ -118,10 +118,10 @@ def run_translate(cfg, workdir, tokenizer) -> None:
                                      mesh=mesh)
     logging.info("main: translated %s: kept %s of %s", lang, stats.get("kept"),
                  stats.get("items"))
-    import jax  # pylint: disable=g-import-not-at-top
-    if jax.process_index() == 0:
+    if hosts.is_main():
       faults.point("main.translated")
       _write_json(marker, stamp)
+    hosts.barrier(f"translate-{lang}-marked")  # Every host sees the marker from here on.
 
 
 def _translate_marker(workdir, cfg, lang) -> str:
@@ -181,11 +181,12 @@ def run_train(cfg, workdir, tokenizer) -> None:
   rows = None
   for variant in cfg.variants:
     marker = evaluate.done_marker(workdir, variant)
-    if os.path.isfile(marker):
+    if hosts.agree(os.path.isfile(marker)):
       logging.info("main: %s already trained; skipping", variant)
       continue
     if variant != "zero_shot":
-      missing = [l for l in cfg.task.target_langs if not _translated(workdir, cfg, l)]
+      missing = hosts.agree([l for l in cfg.task.target_langs
+                             if not _translated(workdir, cfg, l)])
       if missing:
         from stt_jax import preflight  # pylint: disable=g-import-not-at-top
         raise preflight.PreflightError(
@@ -200,10 +201,10 @@ def run_train(cfg, workdir, tokenizer) -> None:
     if result.preempted:
       logging.warning("main: %s preempted at step %d; rerun to continue", variant, result.step)
       sys.exit(143)
-    import jax  # pylint: disable=g-import-not-at-top
-    if jax.process_index() == 0:
+    if hosts.is_main():
       faults.point("main.trained")
       _write_json(marker, {"step": result.step, "metrics": result.metrics})
+    hosts.barrier(f"train-{variant}-marked")
     del result
 
 
@@ -225,18 +226,26 @@ def one_line_errors(fn):
   def wrapped(argv):
     from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     from stt_jax import preflight, sharding, train, train_data  # pylint: disable=g-import-not-at-top
+    from stt_jax.checkpoint import CheckpointIOError, CheckpointMismatchError  # pylint: disable=g-import-not-at-top
     from stt_jax.models import ConfigError, LoadError  # pylint: disable=g-import-not-at-top
     from stt_jax.models.safetensors_io import SafetensorsError  # pylint: disable=g-import-not-at-top
     from stt_jax.tasks import DataNotFoundError  # pylint: disable=g-import-not-at-top
     known = (config_lib.ConfigKeyError, ConfigError, LoadError, SafetensorsError,
              DataNotFoundError, train_data.DataError, sharding.ShardingError,
-             train.NonFiniteLossError, preflight.PreflightError)
+             train.NonFiniteLossError, preflight.PreflightError, CheckpointMismatchError,
+             CheckpointIOError)
     try:
       return fn(argv)
     except known as e:
       sys.stderr.write(f"error: {e}\n")
       sys.exit(1)
     except Exception as e:  # pylint: disable=broad-exception-caught
+      from stt_jax import hosts  # pylint: disable=g-import-not-at-top
+      if hosts.peer_lost(e):
+        import jax  # pylint: disable=g-import-not-at-top
+        last_line(f"error: process {jax.process_index()} of {jax.process_count()} lost "
+                  f"another process of this run ({' '.join(str(e).split())[:160]}); rerun the "
+                  "same command on every host: finished work is kept")
       full = disk_full(e)
       if full is None:
         raise
@@ -304,8 +313,7 @@ def main(argv):
     from stt_jax import evaluate  # pylint: disable=g-import-not-at-top
     evaluate.run(cfg, workdir, tokenizer, wait=False)
   if "report" in stages:
-    import jax  # pylint: disable=g-import-not-at-top
-    if jax.process_index() == 0:
+    if hosts.is_main():
       from stt_jax import report  # pylint: disable=g-import-not-at-top
       print(report.write_report([workdir]))
       print(f"report: {os.path.join(workdir, 'report.md')}, report.png")
@@ -343,4 +351,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+  from stt_jax import supervisor  # pylint: disable=g-import-not-at-top
+  if supervisor.multi_process(sys.argv):
+    sys.exit(supervisor.run("stt_jax.main", sys.argv))
   app.run(main, flags_parser=parse_flags)

@@ -565,7 +565,7 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
   del model  # The trainer holds what is needed; the initial values go once a state exists.
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every=c.every,
                                  keep=c.keep, async_save=c.async_save)
-  restored = ckpts.restore(trainer.abstract_state())
+  restored = ckpts.restore(trainer.abstract_state(), settings={"train": t.to_dict()})
   if restored is None:
     state, step = trainer.init_state(), 0
   else:
@@ -660,11 +660,12 @@ def load_trained(model: str | os.PathLike | nnx.Module, workdir: str | os.PathLi
   ckpts = checkpoint.Checkpoints(os.path.join(os.fspath(workdir), "checkpoints"),
                                  read_only=True)
   try:
-    restored = ckpts.restore(trainer.abstract_state(), step)
+    restored = ckpts.restore(trainer.abstract_state(), step,
+                             settings={"train": cfg.train.to_dict()})
   finally:
     ckpts.close()
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {ckpts.directory}; run the train stage first")
   out = trainer.model(trainer.init_state(restored[1]))
   out.eval()
-  return lora.merged_for_export(out), restored[0]
+  return (lora.merged_for_export(out) if merge else out), restored[0]

@@ -64,6 +64,70 @@ def test_unfinished_and_corrupt_checkpoints_are_skipped(tmp_path, caplog):
   ckpts.close()
 
 
+def _lora_state(rank):
+  return {"params": {"q_proj": {"lora_a": jnp.ones((16, rank)), "lora_b": jnp.ones((rank, 16))}},
+          "step": jnp.int32(2)}
+
+
+def _saved(directory, rank=8):
+  ckpts = checkpoint.Checkpoints(directory, async_save=False)
+  ckpts.save(2, _lora_state(rank), {"train": {"lr": 1e-4, "lora": {"rank": rank}}}, force=True)
+  ckpts.close()
+  return checkpoint.Checkpoints(directory)
+
+
+def test_a_changed_config_is_one_line_naming_the_key_and_nothing_moves(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  ckpts = _saved(directory, rank=8)
+  abstract = jax.eval_shape(lambda: _lora_state(4))
+  with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+    ckpts.restore(abstract, settings={"train": {"lr": 1e-4, "lora": {"rank": 4}}})
+  msg = str(e.value)
+  assert "\n" not in msg and "train.lora.rank=8 (now 4)" in msg and "new --workdir" in msg
+  assert "train.lr" not in msg  # Only what changed.
+  assert os.listdir(directory) == ["2"] and not os.path.exists(directory + ".corrupt")
+  # Without the saved settings the error still names the array that does not fit.
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="do not fit"):
+    ckpts.restore(jax.eval_shape(lambda: {"params": {}, "step": jnp.int32(0)}))
+  assert ckpts.restore(jax.eval_shape(lambda: _lora_state(8)))[0] == 2  # Old value: fine.
+  ckpts.close()
+
+
+def test_a_read_error_is_retried_once_then_raised_and_nothing_moves(tmp_path, monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path / "checkpoints")
+  ckpts = _saved(directory)
+  abstract = jax.eval_shape(lambda: _lora_state(8))
+  real, calls = ckpts._manager.restore, []  # pylint: disable=protected-access
+
+  def flaky(*args, fail_times, **kwargs):
+    calls.append(1)
+    if len(calls) <= fail_times:
+      raise OSError(errno.EIO, "Input/output error")
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(ckpts._manager, "restore", lambda *a, **k: flaky(*a, fail_times=1, **k))  # pylint: disable=protected-access
+  assert ckpts.restore(abstract)[0] == 2 and len(calls) == 2  # Transient: the retry reads it.
+  calls.clear()
+  monkeypatch.setattr(ckpts._manager, "restore", lambda *a, **k: flaky(*a, fail_times=9, **k))  # pylint: disable=protected-access
+  with pytest.raises(checkpoint.CheckpointIOError, match="failed twice"):
+    ckpts.restore(abstract)
+  assert len(calls) == 2
+  assert os.listdir(directory) == ["2"] and not os.path.exists(directory + ".corrupt")
+  ckpts.close()
+
+
+@pytest.mark.parametrize("message,kind", [
+    ("UNAVAILABLE: Error reading gs://bucket/ckpt/2/state: connection reset", "io"),
+    ("UNKNOWN: Error reading local file [os_error_code='5']", "io"),
+    ("OUT_OF_RANGE: Requested byte range [0, 253) is not valid for value of size 126", "corrupt"),
+    ("NOT_FOUND: Error reading \"step/.zarray\"", "corrupt"),
+    ("Requested shape: (4, 4) is not compatible with the stored shape: (4, 8).", "mismatch"),
+])
+def test_error_kinds_of_tensorstore_and_orbax_messages(message, kind):
+  assert checkpoint.error_kind(ValueError(message)) == kind
+
+
 def test_checkpoint_from_8_devices_restores_on_4_and_1(folder, tmp_path):
   config = small_config()
   examples = train_data.tokenize(TASK, {"en": math_rows(24)}, ByteTokenizer(), 64)
