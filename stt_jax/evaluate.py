@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from stt_jax import appendlog, faults, scoring, sharding
+from stt_jax import appendlog, faults, hosts, scoring, sharding
 from stt_jax import train as train_lib
 from stt_jax.checkpoint import CheckpointError
 from stt_jax.models import load_hf
@@ -99,10 +99,11 @@ def score_model(model, tokenizer, cfg, variant: str, step: int, workdir: str, me
   """Scores one model on every eval language not yet in metrics.jsonl; returns new rows."""
   task = get_task(cfg.task.name)
   done = metrics.scored(task.metric_names)
+  # Process 0's view of what is left: each language below runs collectives on every host.
+  langs = hosts.agree([lang for lang in cfg.eval.langs
+                       if (variant, step, task.name, lang) not in done])
   rows = []
-  for lang in cfg.eval.langs:
-    if (variant, step, task.name, lang) in done:
-      continue
+  for lang in langs:
     test = task.load("test", lang, limit=cfg.eval.limit, data_dir=cfg.task.data_dir,
                      source=cfg.task.data_source)
     if not test:
@@ -141,12 +142,11 @@ def _gather_predictions(mine: list[str], test, workdir, variant, step, task, lan
   count = jax.process_count()
   if count == 1:
     return mine
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   part = os.path.join(workdir, "eval", "parts", f"{variant}-{step}-{task}-{lang}")
   os.makedirs(part, exist_ok=True)
   with open(os.path.join(part, f"{jax.process_index()}.json"), "w", encoding="utf-8") as f:
     json.dump(mine, f, ensure_ascii=False)
-  multihost_utils.sync_global_devices(f"eval-{variant}-{step}-{lang}")
+  hosts.barrier(f"eval-{variant}-{step}-{lang}")
   preds = [""] * len(test)
   for i in range(count):
     with open(os.path.join(part, f"{i}.json"), encoding="utf-8") as f:
@@ -201,17 +201,9 @@ def _finalized_steps(ckpt_dir: str) -> list[int]:
                 if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d)))
 
 
-def _agreed(cfg, items: list[tuple[str, int]]) -> list[tuple[str, int]]:
+def _agreed(items: list[tuple[str, int]]) -> list[tuple[str, int]]:
   """Process 0's list on every host, so all hosts score the same checkpoints in step."""
-  if jax.process_count() == 1:
-    return items
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  variants = [BASE] + list(cfg.variants)
-  arr = np.full((64, 2), -1, np.int64)
-  for k, (v, s) in enumerate(items[:64]):
-    arr[k] = (variants.index(v), s)
-  arr = np.asarray(multihost_utils.broadcast_one_to_all(arr))
-  return [(variants[int(v)], int(s)) for v, s in arr if v >= 0]
+  return [(str(v), int(s)) for v, s in hosts.agree([list(k) for k in items])]
 
 
 def run(cfg, workdir: str, tokenizer=None, *, wait: bool = True) -> int:
@@ -230,7 +222,7 @@ def run(cfg, workdir: str, tokenizer=None, *, wait: bool = True) -> int:
       done = metrics.scored(task.metric_names)
       todo = [(BASE, 0)] if any((BASE, 0, task.name, lang) not in done
                                 for lang in cfg.eval.langs) else []
-      if _agreed(cfg, todo):
+      if _agreed(todo):
         model, _ = load_hf(cfg.model.path, mesh=mesh, dtype=dtype,
                            param_dtype=cfg.model.param_dtype or None)
         metrics.append(score_model(model, tokenizer, cfg, BASE, 0, workdir, mesh, metrics))
@@ -240,28 +232,33 @@ def run(cfg, workdir: str, tokenizer=None, *, wait: bool = True) -> int:
   unreadable = set()  # Corrupt checkpoints: skipped by this process (a rerun tries again).
   todo = lambda: [k for k in pending(cfg, workdir, metrics) if k not in unreadable]
   while True:
-    for variant, step in _agreed(cfg, todo()):
+    for variant, step in _agreed(todo()):
       with metrics.lock():
-        if not _agreed(cfg, [(variant, step)] if (variant, step) in todo() else []):
+        if not _agreed([(variant, step)] if (variant, step) in todo() else []):
           continue  # Another evaluator scored it meanwhile.
+        model, error = None, None
         try:
           model, _ = train_lib.load_trained(cfg.model.path, run_dir(workdir, variant),
                                             _train_sections(cfg), mesh=mesh, step=step)
         except CheckpointError as e:
+          error = e
+        if not hosts.all_hosts(error is None):  # One host that cannot read it: all skip.
           logging.warning("eval: skipping %s@%d: %s. Rerun the train stage (delete %s first) "
-                          "to write it again", variant, step, e,
+                          "to write it again", variant, step,
+                          error or "another host could not read it",
                           done_marker(workdir, variant))
           unreadable.add((variant, step))
+          del model
           continue
         faults.point("eval.loaded")
         metrics.append(score_model(model, tokenizer, cfg, variant, step, workdir, mesh,
                                    metrics))
         scored += 1
         del model
-    finished = all(_finished_step(workdir, v) is not None for v in cfg.variants)
-    if not wait or (finished and not _agreed(cfg, todo())):
+    finished = hosts.agree(all(_finished_step(workdir, v) is not None for v in cfg.variants))
+    if not wait or (finished and not _agreed(todo())):
       return scored
-    if time.time() > deadline:
+    if hosts.agree(time.time() > deadline):
       raise TimeoutError(f"eval: training did not finish within eval.timeout_hours="
                          f"{cfg.eval.timeout_hours}; scored {scored} checkpoint(s)")
     time.sleep(cfg.eval.poll_seconds)
@@ -281,6 +278,10 @@ def _main(argv):
 
 
 if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  from stt_jax import supervisor  # pylint: disable=g-import-not-at-top
+  if supervisor.multi_process(sys.argv):
+    sys.exit(supervisor.run("stt_jax.evaluate", sys.argv))
   from absl import app  # pylint: disable=g-import-not-at-top
   from stt_jax import main as _main_flags  # pylint: disable=g-import-not-at-top
   app.run(_main_flags.one_line_errors(_main), flags_parser=_main_flags.parse_flags)

@@ -142,9 +142,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_process_run_matches_one_process(tiny_model, tmp_path):
-  """Multi-host logic (translation slices, global-batch training, eval slices merged by
-  process 0) on 2 local processes x 2 CPU devices with JAX's gloo collectives."""
+def _two_processes(workdir, model, *extra, module="stt_jax.main", timeout=500):
+  """Runs `module` as 2 local processes x 2 CPU devices (gloo); returns their stderrs."""
   port = _free_port()
   procs = []
   for i in range(2):
@@ -152,15 +151,24 @@ def test_two_process_run_matches_one_process(tiny_model, tmp_path):
     env.update(STT_JAX_COORDINATOR=f"127.0.0.1:{port}", STT_JAX_NUM_PROCESSES="2",
                STT_JAX_PROCESS_ID=str(i))
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "stt_jax.main", "--config=configs/tiny.py",
-         f"--workdir={tmp_path / 'multi'}", f"--config.model.path={tiny_model}"],
+        [sys.executable, "-m", module, "--config=configs/tiny.py", f"--workdir={workdir}",
+         f"--config.model.path={model}", *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   try:
-    errs = [p.communicate(timeout=500)[1] for p in procs]
+    errs = [p.communicate(timeout=timeout)[1] for p in procs]
   finally:
     for p in procs:
       p.kill()
   assert all(p.returncode == 0 for p in procs), errs[0][-3000:] + errs[1][-3000:]
+  return errs
+
+
+def test_two_process_run_matches_one_process(tiny_model, tmp_path):
+  """Multi-host logic (translation slices, global-batch training, eval slices merged by
+  process 0) on 2 local processes x 2 CPU devices with JAX's gloo collectives; then a rerun
+  of one variant and a separate eval loop, where every host must take process 0's decisions
+  (done markers, what is scored, finished) or they deadlock."""
+  _two_processes(tmp_path / "multi", tiny_model)
   run_main(str(tmp_path / "single"), tiny_model)
   multi, single = tmp_path / "multi", tmp_path / "single"
   name = "translations/xnli_zh.train.jsonl"
@@ -173,3 +181,12 @@ def test_two_process_run_matches_one_process(tiny_model, tmp_path):
                                                          "metrics.jsonl")]
               for w in (multi, single)]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+  before = _tree(str(multi))
+  only = "--config.variants=('self_translate',)"
+  _two_processes(multi, tiny_model, only, "--config.stages=('translate','train','eval')")
+  _two_processes(multi, tiny_model, only, module="stt_jax.evaluate", timeout=300)
+  after = _tree(str(multi))
+  changed = {k for k in before if after.get(k) != before[k]} - {"config.json"}
+  assert not changed and set(after) - set(before) <= {
+      k for k in after if k.startswith("config.")}, (changed, set(after) - set(before))
