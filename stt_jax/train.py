@@ -650,9 +650,16 @@ def _row(step, data, metrics, window, fpt, peak, n_devices) -> dict:
 
 
 def load_trained(model: str | os.PathLike | nnx.Module, workdir: str | os.PathLike, config,
-                 mesh: Mesh | None = None, step: int | None = None) -> tuple[nnx.Module, int]:
+                 mesh: Mesh | None = None, step: int | None = None, *, merge: bool = False
+                 ) -> tuple[nnx.Module, int]:
   """(model with a checkpoint's weights, its step): the latest (or `step`) of
-  workdir/checkpoints, LoRA merged, ready for decoding or `save_hf`."""
+  workdir/checkpoints, in eval mode.
+
+  The model is exactly the one that was trained: the same compute dtype and, for LoRA, the
+  frozen base plus the float32 adapters, unmerged. Folding small adapter updates into bf16
+  kernels rounds many of them away, so evaluation must not score a merged copy. `merge=True`
+  returns the merged copy (what `save_hf` writes; it merges by itself too).
+  """
   cfg = validate(config)
   mesh = mesh if mesh is not None else sharding.make_mesh()
   m = _prepare_model(model, cfg.train, mesh)

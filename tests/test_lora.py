@@ -103,8 +103,28 @@ def test_lora_training_changes_only_adapters_and_exports(folder, tmp_path):
   ours = np.asarray(trained(jnp.asarray(ids), jnp.asarray(mask)))
   out = save_hf(trained, base.config, tmp_path / "export")
   np.testing.assert_allclose(hf_tiny.hf_logits(out, ids, mask), ours, atol=1e-4, rtol=0)
-  # The checkpoint loads back (merged) for evaluation.
-  merged, step = train.load_trained(folder, tmp_path / "run", config, mesh)
+  # The checkpoint loads back as trained (adapters kept) for evaluation, or merged.
+  loaded, step = train.load_trained(folder, tmp_path / "run", config, mesh)
+  assert step == 10 and lora.has_lora(loaded)
+  np.testing.assert_array_equal(np.asarray(loaded(jnp.asarray(ids), jnp.asarray(mask))), ours)
+  merged, step = train.load_trained(folder, tmp_path / "run", config, mesh, merge=True)
   assert step == 10 and not lora.has_lora(merged)
   np.testing.assert_allclose(np.asarray(merged(jnp.asarray(ids), jnp.asarray(mask))), ours,
                              atol=2e-5, rtol=0)
+
+
+def test_eval_scores_the_trained_bf16_lora_model_not_a_bf16_merge(folder, tmp_path):
+  """bf16 compute, float32 adapters: the model eval loads gives the trainer's own logits (bit
+  for bit); folding the adapters into the bf16 kernels would not."""
+  config = small_config(method="lora", steps=3, lr=1e-3, dtype="bfloat16",
+                        **{"lora.rank": 4})
+  mesh = sharding.make_mesh({"fsdp": 2}, jax.devices()[:2])
+  result = train.train(folder, ByteTokenizer(), get_task("mgsm"), {"en": math_rows(16)},
+                       config, tmp_path / "run", mesh)
+  ids, mask = _ids()
+  ours = np.asarray(result.model(jnp.asarray(ids), jnp.asarray(mask)))
+  loaded, step = train.load_trained(folder, tmp_path / "run", config, mesh=mesh)  # As eval.
+  assert step == 3 and lora.has_lora(loaded)
+  np.testing.assert_array_equal(np.asarray(loaded(jnp.asarray(ids), jnp.asarray(mask))), ours)
+  merged = lora.merge(result.model)  # What eval scored before: adapters rounded into bf16.
+  assert np.abs(np.asarray(merged(jnp.asarray(ids), jnp.asarray(mask))) - ours).max() > 0
