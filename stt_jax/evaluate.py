@@ -114,15 +114,17 @@ def score_model(model, tokenizer, cfg, variant: str, step: int, workdir: str, me
                               batch_size=cfg.eval.batch_size,
                               max_new_tokens=cfg.eval.max_new_tokens, mesh=mesh,
                               desc=f"eval {variant}@{step} {lang}")
-    preds = _gather_predictions(res["predictions"], test, workdir, variant, step, task.name, lang)
-    truncated = res["truncated"]  # Generations that hit eval.max_new_tokens, all hosts'.
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      truncated = int(np.sum(multihost_utils.process_allgather(np.int32(truncated))))
+    stopped = res["stopped"] or [None] * len(mine)  # None: loglik, nothing generated.
+    gathered = _gather_predictions([[p, s] for p, s in zip(res["predictions"], stopped)],
+                                   test, workdir, variant, step, task.name, lang)
     if jax.process_index() != 0:
       continue
+    preds = [p for p, _ in gathered]
+    stopped = [s for _, s in gathered]
+    truncated = stopped.count(False)  # Generations that hit eval.max_new_tokens, all hosts'.
     per_example = [task.example_scores(p, r) for p, r in zip(preds, test)]
-    _write_predictions(workdir, variant, step, task.name, lang, test, preds, per_example)
+    _write_predictions(workdir, variant, step, task.name, lang, test, preds, stopped,
+                       per_example)
     faults.point("eval.predictions_written")
     for name in task.metric_names:
       values = [s[name] for s in per_example]
@@ -137,8 +139,9 @@ def score_model(model, tokenizer, cfg, variant: str, step: int, workdir: str, me
   return rows
 
 
-def _gather_predictions(mine: list[str], test, workdir, variant, step, task, lang) -> list[str]:
-  """All hosts' slices in test order (via the shared workdir in multi-host runs)."""
+def _gather_predictions(mine: list, test, workdir, variant, step, task, lang) -> list:
+  """All hosts' slices (JSON items, one per test row) in test order, via the shared workdir
+  in multi-host runs."""
   count = jax.process_count()
   if count == 1:
     return mine
@@ -147,20 +150,24 @@ def _gather_predictions(mine: list[str], test, workdir, variant, step, task, lan
   with open(os.path.join(part, f"{jax.process_index()}.json"), "w", encoding="utf-8") as f:
     json.dump(mine, f, ensure_ascii=False)
   hosts.barrier(f"eval-{variant}-{step}-{lang}")
-  preds = [""] * len(test)
+  preds = [None] * len(test)
   for i in range(count):
     with open(os.path.join(part, f"{i}.json"), encoding="utf-8") as f:
       preds[i::count] = json.load(f)
   return preds
 
 
-def _write_predictions(workdir, variant, step, task, lang, test, preds, per_example) -> None:
+def _write_predictions(workdir, variant, step, task, lang, test, preds, stopped,
+                       per_example) -> None:
+  """One row per test item; `stopped` (generation only) is False where the answer was cut
+  by eval.max_new_tokens."""
   folder = os.path.join(workdir, "eval", "predictions")
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, f"{variant}-{step}-{task}-{lang}.jsonl")
   appendlog.write_atomic(path, "".join(
-      json.dumps({"id": r["id"], "prediction": p, **s}, ensure_ascii=False) + "\n"
-      for r, p, s in zip(test, preds, per_example)))
+      json.dumps({"id": r["id"], "prediction": p, **({} if st is None else {"stopped": st}),
+                  **s}, ensure_ascii=False) + "\n"
+      for r, p, st, s in zip(test, preds, stopped, per_example)))
 
 
 def _train_sections(cfg) -> ml_collections.ConfigDict:
