@@ -13,7 +13,7 @@ from stt_jax import translate as translate_lib
 VARIANTS = ("zero_shot", "self_translate", "self_translate_cs")
 STAGES = ("translate", "train", "eval", "report")
 # Translate-section keys that the `task` section owns (one source of truth).
-_TASK_OWNED = ("limit", "sample_seed", "data_dir", "data_source")
+_TASK_OWNED = ("limit", "sample_seed", "data_dir", "data_source", "allow_subset")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -96,6 +96,7 @@ def translate_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   out.sample_seed = cfg.task.train_sample_seed
   out.data_dir = cfg.task.data_dir
   out.data_source = cfg.task.data_source
+  out.allow_subset = cfg.task.allow_subset
   return out
 
 

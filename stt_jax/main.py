@@ -161,7 +161,8 @@ def rows_by_source(cfg, workdir) -> dict[str, list[dict]]:
   task = get_task(cfg.task.name)
   out = {"en": list(task.load("train", "en", limit=cfg.task.train_limit,
                               data_dir=cfg.task.data_dir, source=cfg.task.data_source,
-                              sample_seed=cfg.task.train_sample_seed)),
+                              sample_seed=cfg.task.train_sample_seed,
+                              allow_subset=cfg.task.allow_subset)),
          "translated": [], "code_switched": []}
   for lang in cfg.task.target_langs:
     for source, suffix in (("translated", "train"), ("code_switched", "cs")):

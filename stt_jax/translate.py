@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from stt_jax import appendlog
 from stt_jax import codeswitch
 from stt_jax import decode
+from stt_jax import hosts
 from stt_jax import translate_filters as tf
 from stt_jax.tasks import get_task
 
@@ -83,6 +84,8 @@ def default_translate_config() -> ml_collections.ConfigDict:
   c.sample_seed = config_dict.placeholder(int)  # ... a seeded random N (None = the first N)
   c.data_dir = config_dict.placeholder(str)     # task data folder (see docs/tasks.md)
   c.data_source = "auto"                        # auto | local | hf | tfds
+  c.allow_subset = config_dict.placeholder(bool)  # partial bundled copy: None warns, False
+                                                  # refuses, True accepts (tasks.base.Task.load)
   c.split_sentences_over = 300    # lines longer than this (chars) are split into sentences;
                                   # 0 = always, -1 = never
   c.sentence_splitter = "auto"    # pysbd if installed, else the regex in translate_filters
@@ -347,12 +350,6 @@ def is_truncated(record: Mapping[str, Any]) -> bool:
 # ------------------------------------------------------------------------------ the stage
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
-
-
 
 
 def _jsonl(rows: Sequence[dict]) -> str:
@@ -384,7 +381,8 @@ def translate_task(model, tokenizer, task_name: str, lang: str, config, workdir:
   out_dir = pathlib.Path(workdir) / "translations"
   name = f"{task.name}_{lang}"
   rows = task.load("train", cfg.src_lang, limit=cfg.limit, data_dir=cfg.data_dir,
-                   source=cfg.data_source, sample_seed=cfg.sample_seed)
+                   source=cfg.data_source, sample_seed=cfg.sample_seed,
+                   allow_subset=cfg.get("allow_subset"))
   plan = [{f: split_field(t, cfg) for f, t in task.translatable_texts(r).items()} for r in rows]
   segments = _unique(s for fields in plan for parts in fields.values() for line in parts
                      for s in line)
@@ -403,7 +401,7 @@ def translate_task(model, tokenizer, task_name: str, lang: str, config, workdir:
                         "decoded_this_run": speed.segments,
                         "cached": len(mine) - speed.segments},
            "throughput": speed.as_dict()}
-  _barrier(f"translate-{name}-decoded")
+  hosts.barrier(f"translate-{name}-decoded")
   if index == 0:
     found = _lookup(cache, ident, todo)
     stats["segments"]["truncated"] = sum(map(is_truncated, found.values()))
@@ -419,7 +417,7 @@ def translate_task(model, tokenizer, task_name: str, lang: str, config, workdir:
                            "translate.replace")
     appendlog.write_atomic(out_dir / f"{name}.stats.json",
                            json.dumps(stats, indent=1, ensure_ascii=False), "translate.replace")
-  _barrier(f"translate-{name}-written")
+  hosts.barrier(f"translate-{name}-written")
   stats.setdefault("wall_s", round(time.perf_counter() - start, 2))
   return stats
 
