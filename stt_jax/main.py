@@ -228,13 +228,14 @@ def one_line_errors(fn):
     from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     from stt_jax import preflight, sharding, train, train_data  # pylint: disable=g-import-not-at-top
     from stt_jax.checkpoint import CheckpointIOError, CheckpointMismatchError  # pylint: disable=g-import-not-at-top
+    from stt_jax.decode import DecodeError  # pylint: disable=g-import-not-at-top
     from stt_jax.models import ConfigError, LoadError  # pylint: disable=g-import-not-at-top
     from stt_jax.models.safetensors_io import SafetensorsError  # pylint: disable=g-import-not-at-top
     from stt_jax.tasks import DataNotFoundError  # pylint: disable=g-import-not-at-top
     known = (config_lib.ConfigKeyError, ConfigError, LoadError, SafetensorsError,
              DataNotFoundError, train_data.DataError, sharding.ShardingError,
              train.NonFiniteLossError, preflight.PreflightError, CheckpointMismatchError,
-             CheckpointIOError)
+             CheckpointIOError, DecodeError)
     try:
       return fn(argv)
     except known as e:

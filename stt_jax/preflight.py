@@ -234,7 +234,7 @@ def _rows(task, split: str, lang: str, key: str, cfg, **kwargs):
   return rows
 
 
-def check_data(cfg, stages: Sequence[str]) -> None:
+def check_data(cfg, stages: Sequence[str], tokenizer=None) -> None:
   """Every split the requested stages read exists and has rows, for every language."""
   from configs import base  # pylint: disable=g-import-not-at-top
   from stt_jax import translate  # pylint: disable=g-import-not-at-top
@@ -266,8 +266,29 @@ def check_data(cfg, stages: Sequence[str]) -> None:
             f"{pool_task.name} {split!r} files")
   if "eval" in stages:
     for lang in cfg.eval.langs:
-      _rows(task, "test", lang, "eval.langs", cfg, limit=cfg.eval.limit,
-            source=cfg.task.data_source)
+      rows = _rows(task, "test", lang, "eval.langs", cfg, limit=cfg.eval.limit,
+                   source=cfg.task.data_source)
+      if tokenizer is not None:
+        check_eval_prompts(cfg, task, lang, rows, tokenizer)
+
+
+def check_eval_prompts(cfg, task, lang: str, rows, tokenizer) -> None:
+  """Every test prompt plus its answer budget fits the model's positions: found here, not
+  hours later when the eval stage reaches the longest prompt (Thai XQuAD contexts run to
+  thousands of tokens on a byte-fallback tokenizer)."""
+  with open(os.path.join(cfg.model.path, "config.json"), encoding="utf-8") as f:
+    context = json.load(f).get("max_position_embeddings")
+  if not context:
+    return
+  answer = cfg.eval.max_new_tokens if cfg.eval.method == "generate" else 0
+  lengths = [len(tokenizer.encode(task.format_prompt(r))) for r in rows]
+  over = [n for n in lengths if n + answer > context]
+  if over:
+    raise PreflightError(
+        f"config: {len(over)} of {len(rows)} {task.name} test prompts in {lang!r} do not fit "
+        f"the model's {context} positions with eval.max_new_tokens={answer} (longest "
+        f"{max(over)} tokens); lower eval.max_new_tokens, set eval.limit, or drop {lang!r} "
+        "from eval.langs")
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -286,4 +307,4 @@ def check(cfg, workdir: str, tokenizer, stages: Sequence[str] | None = None) -> 
   if "train" in stages:
     check_batch(cfg, check_mesh(cfg))
   check_vocab(cfg.model.path, tokenizer)
-  check_data(cfg, stages)
+  check_data(cfg, stages, tokenizer)

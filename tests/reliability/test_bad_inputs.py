@@ -237,6 +237,17 @@ def test_eval_language_without_data_in_the_eval_loop(tiny_model, tmp_path):
                         "(languages with xnli 'test' data: de, en, ru, th, zh)", workdir)
 
 
+def test_eval_prompts_longer_than_the_model_context(tiny_model, tmp_path):
+  """The tiny model has 1024 positions: a Chinese MGSM question in byte tokens plus a
+  1000-token answer budget does not fit."""
+  workdir = str(tmp_path / "w")
+  proc = run(workdir, tiny_model, "--config.task.name=mgsm", "--config.eval.method=generate",
+             "--config.eval.max_new_tokens=1000", "--config.eval.langs=('zh',)",
+             "--config.variants=('zero_shot',)")
+  assert_one_line_error(proc, "mgsm test prompts in 'zh' do not fit the model's 1024 positions "
+                        "with eval.max_new_tokens=1000", workdir)
+
+
 def test_emptied_data_file(tiny_model, tmp_path):
   data_dir, path = _data_dir(tmp_path, "xnli/xnli_test_zh.jsonl", lambda lines: [])
   workdir = str(tmp_path / "w")
