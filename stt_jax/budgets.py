@@ -321,11 +321,11 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-  """The CLI, with main.py's --config/--workdir flags and its one-line errors."""
+  """The CLI, with the pipeline's --config/--workdir flags and its one-line errors."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from stt_jax import main as main_lib  # pylint: disable=g-import-not-at-top  # Defines the flags.
+  from stt_jax import cli  # pylint: disable=g-import-not-at-top  # Defines the flags.
   flags.DEFINE_integer("max_rows", 5000, "Seeded sample of each split measured (0 = all).")
-  app.run(main_lib.one_line_errors(main), flags_parser=main_lib.parse_flags)
+  app.run(cli.one_line_errors(main), flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from stt_jax import errors
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint step that exists but cannot be read (truncated or corrupt files)."""
@@ -57,10 +59,7 @@ _IO_ERRNO = (errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.E
 
 def error_kind(error: BaseException) -> str:
   """'mismatch', 'io' or 'corrupt': why a restore failed (see the module docstring)."""
-  seen = set()
-  e = error
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
+  for e in errors.chain(error):
     text = str(e)
     if isinstance(e, ValueError) and any(p in text for p in _MISMATCH):
       return "mismatch"
@@ -70,7 +69,6 @@ def error_kind(error: BaseException) -> str:
     code = re.search(r"os_error_code='?(\d+)", text)
     if text.split(":", 1)[0].strip() in _IO_STATUS or (code and int(code.group(1)) in _IO_ERRNO):
       return "io"
-    e = e.__cause__ or e.__context__
   return "corrupt"
 
 

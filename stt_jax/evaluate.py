@@ -273,9 +273,9 @@ def run(cfg, workdir: str, tokenizer=None, *, wait: bool = True) -> int:
 
 def _main(argv):
   del argv
-  from stt_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-  main_lib.quiet_logs()
-  cfg, workdir = main_lib.setup()
+  from stt_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_logs()
+  cfg, workdir = cli.setup()
   from stt_jax import preflight  # pylint: disable=g-import-not-at-top
   tokenizer = preflight.load_tokenizer(cfg.model.path)
   preflight.check(cfg, workdir, tokenizer, stages=("eval",))
@@ -290,5 +290,5 @@ if __name__ == "__main__":
   if supervisor.multi_process(sys.argv):
     sys.exit(supervisor.run("stt_jax.evaluate", sys.argv))
   from absl import app  # pylint: disable=g-import-not-at-top
-  from stt_jax import main as _main_flags  # pylint: disable=g-import-not-at-top
-  app.run(_main_flags.one_line_errors(_main), flags_parser=_main_flags.parse_flags)
+  from stt_jax import cli  # pylint: disable=g-import-not-at-top
+  app.run(cli.one_line_errors(_main), flags_parser=cli.parse_flags)

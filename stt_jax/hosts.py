@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from stt_jax import errors
+
 # Messages of a collective or of the coordination service whose peer process is gone.
 _PEER_LOST = re.compile(
     r"Gloo|gloo|DEADLINE_EXCEEDED|UNAVAILABLE|coordination service|CoordinationService|"
@@ -62,15 +64,10 @@ def peer_lost(error: BaseException) -> bool:
   a killed host shows up on the others as a timed-out or broken collective."""
   if count() == 1:
     return False
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError") or isinstance(
-        error, (ConnectionError, TimeoutError)):
-      if _PEER_LOST.search(str(error)):
-        return True
-    error = error.__cause__ or error.__context__
-  return False
+  return any(
+      (type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") or
+       isinstance(e, (ConnectionError, TimeoutError))) and _PEER_LOST.search(str(e))
+      for e in errors.chain(error))
 
 
 def all_hosts(flag: bool) -> bool:

@@ -1,7 +1,7 @@
 """Multi-process runs: a parent process that turns the loss of a peer into one error line.
 
 When one process of a multi-host run dies, the others learn it in one of two ways. Blocked in
-a collective, they get a Python exception (`hosts.peer_lost`; `main.one_line_errors` prints
+a collective, they get a Python exception (`hosts.peer_lost`; `cli.one_line_errors` prints
 one line). But when the dead process hosted JAX's coordination service (process 0), the
 coordination client aborts the survivors from a C++ thread (client.h: "Terminating process
 because the JAX distributed service detected fatal errors"), and no Python handler runs. So

@@ -102,7 +102,7 @@ def test_wrong_type_override(tiny_model, tmp_path, override, phrase):
 
 def test_wrong_type_in_config_file_is_one_line(tmp_path):
   """absl wraps the config file's traceback into the flag error; config_file_error keeps the
-  file:line (naming the key) and the exception (main.parse_flags prints it)."""
+  file:line (naming the key) and the exception (cli.parse_flags prints it)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
