@@ -138,12 +138,9 @@ def _parallel(task, split: str, fields: Sequence[str], src: str, lang: str, cfg
 
 
 def _translate_budget(cfg_t, src_tokens: np.ndarray) -> np.ndarray:
-  """The stage's per-segment budget (translate.Translator.budget) for each source length."""
-  if cfg_t.max_new_ratio <= 0:
-    return np.full(src_tokens.shape, cfg_t.max_new_tokens)
-  need = (cfg_t.max_new_ratio * src_tokens).astype(np.int64) + cfg_t.max_new_slack
-  pow2 = np.asarray([translate_lib._next_pow2(int(n)) for n in need])  # pylint: disable=protected-access
-  return np.minimum(cfg_t.max_new_tokens, pow2)
+  """The stage's per-segment budget (translate.segment_budget) for each source length."""
+  return np.asarray([translate_lib.segment_budget(cfg_t, int(n)) for n in src_tokens],
+                    np.int64)
 
 
 def measure(cfg, tokenizer, workdir: Optional[str] = None, max_rows: int = 5000,

@@ -286,11 +286,8 @@ class Translator:
     self.decoder = decode.Decoder(model, batch_size=cfg.batch_size, mesh=mesh)
 
   def budget(self, source: str) -> int:
-    cfg = self.cfg
-    if cfg.max_new_ratio <= 0:
-      return cfg.max_new_tokens
-    need = cfg.max_new_ratio * len(self.tokenizer.encode(source, add_special_tokens=False))
-    return min(cfg.max_new_tokens, _next_pow2(int(need) + cfg.max_new_slack))
+    return segment_budget(self.cfg,
+                          len(self.tokenizer.encode(source, add_special_tokens=False)))
 
   def run(self, prompts: Sequence[str], sources: Sequence[str]
           ) -> Iterator[list[tuple[int, str, int, int, bool]]]:
@@ -335,6 +332,16 @@ class Translator:
     return results, speed
 
 
+def segment_budget(cfg, source_tokens: int) -> int:
+  """Generated-token budget of a segment of `source_tokens` English tokens:
+  min(max_new_tokens, next pow2(max_new_ratio * source_tokens + max_new_slack)), or always
+  max_new_tokens when the ratio is 0."""
+  if cfg.max_new_ratio <= 0:
+    return cfg.max_new_tokens
+  need = int(cfg.max_new_ratio * source_tokens) + cfg.max_new_slack
+  return min(cfg.max_new_tokens, _next_pow2(need))
+
+
 def _next_pow2(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << max(0, n - 1).bit_length())
 
@@ -348,8 +355,6 @@ def is_truncated(record: Mapping[str, Any]) -> bool:
 
 
 # ------------------------------------------------------------------------------ the stage
-
-
 
 
 def _jsonl(rows: Sequence[dict]) -> str:
@@ -382,7 +387,7 @@ def translate_task(model, tokenizer, task_name: str, lang: str, config, workdir:
   name = f"{task.name}_{lang}"
   rows = task.load("train", cfg.src_lang, limit=cfg.limit, data_dir=cfg.data_dir,
                    source=cfg.data_source, sample_seed=cfg.sample_seed,
-                   allow_subset=cfg.get("allow_subset"))
+                   allow_subset=cfg.allow_subset)
   plan = [{f: split_field(t, cfg) for f, t in task.translatable_texts(r).items()} for r in rows]
   segments = _unique(s for fields in plan for parts in fields.values() for line in parts
                      for s in line)
