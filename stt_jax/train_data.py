@@ -81,9 +81,15 @@ class Examples:
   prompt_len: np.ndarray
   source: np.ndarray
   sources: tuple[str, ...]
-  truncated: int = 0
-  dropped: int = 0
   cut: dict[str, dict[str, dict[str, int]]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def truncated(self) -> int:
+    return sum(c["truncated"] for langs in self.cut.values() for c in langs.values())
+
+  @property
+  def dropped(self) -> int:
+    return sum(c["dropped"] for langs in self.cut.values() for c in langs.values())
 
   def indices(self, source: str) -> np.ndarray:
     return np.flatnonzero(self.source == self.sources.index(source))
@@ -151,18 +157,17 @@ def tokenize(task, rows_by_source: Mapping[str, Sequence[dict]], tokenizer,
   for (name, lang), count in counts.items():
     if count["truncated"] or count["dropped"]:
       cut.setdefault(name, {})[lang] = count
-  truncated = sum(c["truncated"] for c in counts.values())
-  dropped = sum(c["dropped"] for c in counts.values())
+  examples = Examples(tokens, np.asarray(prompt_len, np.int32), np.asarray(source, np.int32),
+                      sources, cut)
   if cut:
     where = "; ".join(f"{name}/{lang}: {c['truncated']} truncated, {c['dropped']} dropped of "
                       f"{c['of']}" for name, langs in cut.items() for lang, c in langs.items())
     logging.warning("train data: %d example(s) truncated to seq_len=%d, %d dropped (prompt "
-                    "alone too long) (%s); raise train.seq_len to keep them", truncated,
-                    seq_len, dropped, where)
+                    "alone too long) (%s); raise train.seq_len to keep them",
+                    examples.truncated, seq_len, examples.dropped, where)
   if not tokens:
     raise DataError("no training examples left after tokenization")
-  return Examples(tokens, np.asarray(prompt_len, np.int32), np.asarray(source, np.int32),
-                  sources, truncated, dropped, cut)
+  return examples
 
 
 # ------------------------------------------------------------------------------ epochs
