@@ -66,3 +66,10 @@ def write_atomic(path: str | os.PathLike, text: str, point: str | None = None) -
   if point:
     faults.point(point)
   os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2,
+               point: str | None = None) -> None:
+  """Replaces `path` with `obj` as JSON (UTF-8, not \\u-escaped, trailing newline) via
+  `write_atomic`, so a config, index or marker file is never seen half written."""
+  write_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", point)

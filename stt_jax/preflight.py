@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -114,27 +113,17 @@ def check_names(cfg) -> None:
 
 
 def check_mesh(cfg, num_devices: int | None = None):
-  """The training mesh on this run's devices; returns {axis: size}."""
+  """The training mesh on this run's devices; returns {axis: size} (sharding.mesh_sizes, the
+  rule make_mesh applies, so a config that passes here builds its mesh)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from stt_jax import sharding  # pylint: disable=g-import-not-at-top
   n = jax.device_count() if num_devices is None else num_devices
   shape = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
   setting = ", ".join(f"mesh.{k}={v}" for k, v in shape.items())
-  bad = [k for k, v in shape.items() if v == 0 or v < -1]
-  free = [k for k, v in shape.items() if v == -1]
-  if bad or len(free) > 1:
-    raise PreflightError(f"config: {setting}: each axis must be a positive size, at most one "
-                         "may be -1 (all remaining devices)")
-  fixed = math.prod(v for v in shape.values() if v != -1)
-  fits = n % fixed == 0 if free else fixed == n
-  if not fits:
-    need = "divide" if free else "equal"
-    raise PreflightError(
-        f"config: {setting}: the product of the fixed axes ({fixed}) must {need} the {n} "
-        f"devices; set one axis to -1 (e.g. --config.mesh.fsdp=-1) or sizes whose product "
-        f"is {n}")
-  if free:
-    shape[free[0]] = n // fixed
-  return shape
+  try:
+    return sharding.mesh_sizes(shape, n)
+  except sharding.ShardingError as e:
+    raise PreflightError(f"config: {setting}: {e}") from None
 
 
 def check_batch(cfg, mesh_shape) -> None:
@@ -155,14 +144,6 @@ def check_batch(cfg, mesh_shape) -> None:
         f"{t.grad_accum}) must split evenly over the data-parallel size {dp} (mesh.data="
         f"{mesh_shape['data']} x mesh.fsdp={mesh_shape['fsdp']}); use a train.batch_size "
         f"that is a multiple of {dp * t.grad_accum}")
-
-
-def check_sizes(cfg) -> None:
-  for key, value in (("eval.batch_size", cfg.eval.batch_size),
-                     ("translate.batch_size", cfg.translate.batch_size),
-                     ("translate.shots", cfg.translate.shots)):
-    if value <= 0:
-      raise PreflightError(f"config: {key}={value} must be positive")
 
 
 # ------------------------------------------------------------------------------ data
@@ -236,7 +217,6 @@ def _rows(task, split: str, lang: str, key: str, cfg, **kwargs):
 
 def check_data(cfg, stages: Sequence[str], tokenizer=None) -> None:
   """Every split the requested stages read exists and has rows, for every language."""
-  from configs import base  # pylint: disable=g-import-not-at-top
   from stt_jax import translate  # pylint: disable=g-import-not-at-top
   from stt_jax.tasks import get_task  # pylint: disable=g-import-not-at-top
   task = get_task(cfg.task.name)
@@ -246,7 +226,7 @@ def check_data(cfg, stages: Sequence[str], tokenizer=None) -> None:
           limit=cfg.task.train_limit, source=cfg.task.data_source,
           sample_seed=cfg.task.train_sample_seed)
   if translates:
-    section = base.translate_section(cfg)
+    section = cfg.translate
     pool_source = section.exemplars.get(task.name)
     if pool_source is None:
       raise PreflightError(f"config: translate.exemplars has no entry for task {task.name!r}")
@@ -258,7 +238,7 @@ def check_data(cfg, stages: Sequence[str], tokenizer=None) -> None:
         if code not in section.lang_names:
           raise PreflightError(f"config: translate.lang_names has no name for {code!r} (from "
                                "task.target_langs); add it in the config file")
-      pool = translate.parallel_pool(pool_source, lang, section)
+      pool = translate.parallel_pool(pool_source, lang, section, cfg.task.data_dir)
       if len(pool) < section.shots:
         raise PreflightError(
             f"config: translate.shots={section.shots} but the {pool_source} exemplar pool for "
@@ -303,7 +283,6 @@ def check(cfg, workdir: str, tokenizer, stages: Sequence[str] | None = None) -> 
   del workdir  # Outputs are named from config values, which check_names keeps inside it.
   stages = tuple(cfg.stages if stages is None else stages)
   check_names(cfg)
-  check_sizes(cfg)
   if "train" in stages:
     check_batch(cfg, check_mesh(cfg))
   check_vocab(cfg.model.path, tokenizer)

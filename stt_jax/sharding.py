@@ -47,35 +47,56 @@ class ShardingError(ValueError):
   """A mesh or logical axis that cannot be resolved."""
 
 
-def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
-              devices: Sequence[Any] | None = None) -> Mesh:
-  """Builds a ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (= the remaining devices).
+def mesh_sizes(shape: Mapping[str, int] | Sequence[int] | None,
+               num_devices: int) -> dict[str, int]:
+  """{axis: size} for every mesh axis, the one -1 axis (if any) resolved to the remaining
+  devices; raises ShardingError unless the sizes multiply to exactly `num_devices`.
 
-  `shape=None` puts every device on `fsdp`. Axis types are Auto so that jit and sharding
-  constraints propagate shardings (jax 0.10 defaults `make_mesh` to Explicit).
+  The one divisibility rule for `make_mesh` and the config check (preflight.check_mesh), so
+  a config that passes preflight builds its mesh. `shape=None` puts every device on `fsdp`;
+  a sequence lists sizes in MESH_AXES order; missing axes are 1. Messages name the problem
+  and the fix but not the shape (callers prefix their own spelling of it).
   """
-  devices = list(devices if devices is not None else jax.devices())
   if shape is None:
     shape = {"fsdp": -1}
   if not isinstance(shape, Mapping):
     shape = dict(zip(MESH_AXES, shape))
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
-    raise ShardingError(f"mesh: unknown axis {sorted(unknown)[0]!r}; axes are {MESH_AXES}")
+    raise ShardingError(f"unknown axis {sorted(unknown)[0]!r}; axes are {MESH_AXES}")
   sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+  bad = [a for a, s in sizes.items() if s == 0 or s < -1]
   free = [a for a, s in sizes.items() if s == -1]
-  if len(free) > 1:
-    raise ShardingError(f"mesh: at most one axis may be -1, got {free}")
-  known = math.prod(s for s in sizes.values() if s != -1)
+  if bad or len(free) > 1:
+    raise ShardingError("each axis must be a positive size, at most one may be -1 (all "
+                        "remaining devices)")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  fits = num_devices % fixed == 0 if free else fixed == num_devices
+  if not fits:
+    need, detail = (("divide", f"{num_devices} devices are not divisible by {fixed}") if free
+                    else ("equal", f"the mesh needs {fixed} devices but {num_devices} are "
+                          "available"))
+    raise ShardingError(
+        f"the product of the fixed axes ({fixed}) must {need} the {num_devices} devices; set "
+        f"one axis to -1 (e.g. fsdp=-1) or sizes whose product is {num_devices} ({detail})")
   if free:
-    if len(devices) % known:
-      raise ShardingError(f"mesh {dict(shape)}: {len(devices)} devices are not divisible by "
-                          f"the fixed axes' product {known}")
-    sizes[free[0]] = len(devices) // known
-  total = math.prod(sizes.values())
-  if total != len(devices):
-    raise ShardingError(f"mesh {sizes} needs {total} devices but {len(devices)} are available; "
-                        "make the product match or set one axis to -1")
+    sizes[free[0]] = num_devices // fixed
+  return sizes
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None,
+              devices: Sequence[Any] | None = None) -> Mesh:
+  """Builds a ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (= the remaining devices).
+
+  `shape=None` puts every device on `fsdp` (sizes: `mesh_sizes`). Axis types are Auto so that
+  jit and sharding constraints propagate shardings (jax 0.10 defaults `make_mesh` to Explicit).
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  try:
+    sizes = mesh_sizes(shape, len(devices))
+  except ShardingError as e:
+    raise ShardingError(f"mesh {dict(shape) if isinstance(shape, Mapping) else shape}: {e}"
+                        ) from None
   grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 

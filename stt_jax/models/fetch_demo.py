@@ -31,6 +31,7 @@ import sys
 import time
 import zipfile
 
+from stt_jax import appendlog
 from stt_jax.models import gguf_convert
 
 log = logging.getLogger("stt_jax.fetch_demo")
@@ -190,9 +191,7 @@ def ensure_model(out: str | os.PathLike | None = None, gguf: str | os.PathLike |
     tmp.mkdir()
     try:
       info = _build(tmp, gguf, keep_gguf, dtype, progress)
-      with open(tmp / MARKER, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
+      appendlog.write_json(tmp / MARKER, info)
       _replace_dir(tmp, out)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)

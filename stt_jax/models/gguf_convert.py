@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
+from stt_jax import appendlog
+
 # Tensor names inside one block: GGUF suffix -> HF suffix.
 _BLOCK_NAMES = {
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -411,8 +413,9 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
   finally:
     if bar is not None:
       bar.close()
-  _write_json(os.path.join(out_dir, "config.json"), config)
-  _write_json(os.path.join(out_dir, "generation_config.json"), generation_config(config, gf))
+  appendlog.write_json(os.path.join(out_dir, "config.json"), config)
+  appendlog.write_json(os.path.join(out_dir, "generation_config.json"),
+                       generation_config(config, gf))
   if with_tokenizer:
     build_tokenizer(gf).save_pretrained(out_dir)
   return {"tensors": len(entries), "parameters": n_params, "safetensors_bytes": written}
@@ -428,9 +431,3 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return None
   return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
               mininterval=0.5)
-
-
-def _write_json(path: str, obj: dict) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, ensure_ascii=False)
-    f.write("\n")

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from stt_jax import sharding
+from stt_jax import appendlog, sharding
 from stt_jax.models import lora, safetensors_io
 from stt_jax.models.config import ConfigError, ModelConfig
 from stt_jax.models.decoder import CausalLM
@@ -289,11 +289,11 @@ def save_hf(model: CausalLM, config: ModelConfig, out_dir: str | os.PathLike,
     return out_dir
   if n > 1:
     total = sum(int(np.prod(t.shape)) * t.dtype.itemsize for _, t in tensors)
-    _write_json(os.path.join(out_dir, "model.safetensors.index.json"),
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    appendlog.write_json(os.path.join(out_dir, "model.safetensors.index.json"),
+                         {"metadata": {"total_size": total}, "weight_map": weight_map})
   saved = np.dtype(dtype or tensors[0][1].dtype)
   hf_dict = config.to_hf_dict(dtype=_dtype_name(saved))
-  _write_json(os.path.join(out_dir, "config.json"), hf_dict)
+  appendlog.write_json(os.path.join(out_dir, "config.json"), hf_dict)
   tokenizer_dir = os.fspath(tokenizer_dir) if tokenizer_dir else config.source_dir
   if tokenizer_dir and os.path.abspath(tokenizer_dir) != os.path.abspath(out_dir):
     for fname in TOKENIZER_FILES:
@@ -307,14 +307,6 @@ def save_hf(model: CausalLM, config: ModelConfig, out_dir: str | os.PathLike,
 def _dtype_name(dtype: np.dtype) -> str:
   return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
       np.dtype(dtype).name, np.dtype(dtype).name)
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, ensure_ascii=False)
-    f.write("\n")
-  os.replace(tmp, path)
 
 
 __all__ = ["load_hf", "save_hf", "abstract_model", "LoadError", "ConfigError", "NAME_TABLE"]
