@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -111,6 +110,12 @@ class Completion:
   stopped: bool
 
 
+def next_pow2(n: int, minimum: int = 1) -> int:
+  """The smallest power of two >= n, and at least `minimum` (a padded length or token budget
+  from a few sizes, so few compilations)."""
+  return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
 def bucket_length(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
   """Padded length for n tokens: multiples of 32 up to 256 (short prompts waste little),
   powers of two above; at most ~12 distinct lengths up to 4k, so few compilations."""
@@ -118,7 +123,64 @@ def bucket_length(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
     return minimum
   if n <= 256:
     return -(-n // 32) * 32
-  return 1 << math.ceil(math.log2(n))
+  return next_pow2(n)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], length: int,
+             rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(ids int32 [rows, length], mask bool): each sequence right-aligned in its row, so the
+  last prompt token of every row sits at the same position for the first generated one.
+
+  `rows` (default len(seqs)) pads the batch to a fixed size; extra rows and empty sequences
+  are all-False in `mask` (ids 0).
+  """
+  rows = len(seqs) if rows is None else rows
+  if len(seqs) > rows:
+    raise DecodeError(f"left_pad: {len(seqs)} sequences do not fit {rows} rows")
+  ids = np.zeros((rows, length), np.int32)
+  mask = np.zeros((rows, length), np.bool_)
+  for r, seq in enumerate(seqs):
+    if len(seq) > length:
+      raise DecodeError(f"left_pad: sequence {r} has {len(seq)} tokens, more than {length}")
+    if len(seq):
+      ids[r, length - len(seq):] = seq
+      mask[r, length - len(seq):] = True
+  return ids, mask
+
+
+class RateBar:
+  """A tqdm bar over items that also shows generated tokens/s (postfix `tok_s`).
+
+  `RateBar(total, desc, unit="item", disable=False)`, used as a context manager (closes the
+  bar); `update(items, tokens)` after each batch advances the bar by `items` and adds
+  `tokens`. Attributes: `items`, `tokens` (totals so far) and `seconds` (from construction
+  to the last update), so callers report the same rate the bar showed.
+  """
+
+  def __init__(self, total: int, desc: str, unit: str = "item", disable: bool = False):
+    self.items, self.tokens, self.seconds = 0, 0, 0.0
+    self._bar = tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+    self._start = time.perf_counter()
+
+  def update(self, items: int, tokens: int) -> None:
+    self.items += items
+    self.tokens += tokens
+    self.seconds = time.perf_counter() - self._start
+    self._bar.update(items)
+    self._bar.set_postfix(tok_s=f"{self.tokens_per_s:.1f}")
+
+  @property
+  def tokens_per_s(self) -> float:
+    return self.tokens / max(self.seconds, 1e-9)
+
+  def close(self) -> None:
+    self._bar.close()
+
+  def __enter__(self) -> RateBar:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def _select(logits: jax.Array, key: jax.Array, temperature, top_p, *, greedy: bool,
@@ -273,21 +335,12 @@ class Decoder:
     n = len(prompts)
     b = self.batch_size if n <= self.batch_size else n
     shared = self.shared_prefix_len(prompts)
-    prefix = np.zeros((1, bucket_length(shared) if shared else 0), np.int32)
-    prefix_mask = np.zeros(prefix.shape, np.bool_)
-    if shared:
-      prefix[0, -shared:] = prompts[0][:shared]
-      prefix_mask[0, -shared:] = True
+    prefix, prefix_mask = left_pad([prompts[0][:shared]], bucket_length(shared) if shared else 0)
     prompts = [p[shared:] for p in prompts]
     longest = max(len(p) for p in prompts)
     p_len = min(bucket_length(longest), self.max_len - max_new_tokens - prefix.shape[1])
     p_len = max(p_len, longest)
-    ids = np.zeros((b, p_len), np.int32)
-    mask = np.zeros((b, p_len), np.bool_)
-    for r, p in enumerate(prompts):
-      if p:
-        ids[r, p_len - len(p):] = p
-        mask[r, p_len - len(p):] = True
+    ids, mask = left_pad(prompts, p_len, rows=b)
     key = (b, prefix.shape[1], p_len, max_new_tokens, sampling.greedy, sampling.top_k,
            stop.table.shape)
     if key not in self.compiled:
@@ -329,21 +382,14 @@ class Decoder:
     """Like `generate_ids`, with whether each row ended by EOS/stop (see run_batch_stopped)."""
     prompts = self.check_lengths([list(p) for p in prompts], max_new_tokens, truncate)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    bar = tqdm(total=len(prompts), desc=desc, unit="item", disable=not progress,
-               dynamic_ncols=True)
-    start, produced = time.perf_counter(), 0
-    try:
+    with RateBar(len(prompts), desc, disable=not progress) as bar:
       for k in range(0, len(order), self.batch_size):
         chunk = order[k:k + self.batch_size]
         outs = self.run_batch_stopped([prompts[i] for i in chunk], max_new_tokens, stop,
                                       sampling, batch_index=k // self.batch_size)
         for i, (o, stopped) in zip(chunk, outs):
-          produced += len(o)
           yield i, o, stopped
-        bar.update(len(chunk))
-        bar.set_postfix(tok_s=f"{produced / max(time.perf_counter() - start, 1e-9):.1f}")
-    finally:
-      bar.close()
+        bar.update(len(chunk), sum(len(o) for o, _ in outs))
 
 
 # ------------------------------------------------------------------------------ text API

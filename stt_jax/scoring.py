@@ -94,14 +94,11 @@ def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None):
       m = max(len(c) for c in c_ids)
       p_len = decode.bucket_length(max(len(x) for x in p_ids))
       c_len = decode.bucket_length(max(len(x) for c in c_ids for x, _ in c), 4)
-      ids = np.zeros((batch_size, p_len), np.int32)
-      mask = np.zeros((batch_size, p_len), np.bool_)
+      ids, mask = decode.left_pad(p_ids, p_len, rows=batch_size)
       conts = np.zeros((m, batch_size, c_len), np.int32)
       cmask = np.zeros((m, batch_size, c_len), np.bool_)
       smask = np.zeros((m, batch_size, c_len), np.bool_)
-      for r, (p, cs) in enumerate(zip(p_ids, c_ids)):
-        ids[r, p_len - len(p):] = p
-        mask[r, p_len - len(p):] = True
+      for r, cs in enumerate(c_ids):
         for j, (x, skip) in enumerate(cs):
           conts[j, r, :len(x)] = x
           cmask[j, r, :len(x)] = True

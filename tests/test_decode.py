@@ -1,6 +1,7 @@
 """Decoding: token-identical to transformers greedy, batched == single, sharded == unsharded,
 stop conditions (stop strings exact on both fixture tokenizers) and context-length policy."""
 
+import math
 import os
 import random
 
@@ -124,6 +125,33 @@ def test_trim_text():
   assert decode.trim_text("你好\n世界", ["\n"]) == "你好"
   assert decode.trim_text("abc German: x", ["\n", "German:"]) == "abc "
   assert decode.trim_text("no stop", ["\n"]) == "no stop"
+
+
+def test_next_pow2_bucket_length_and_left_pad():
+  from stt_jax import translate  # pylint: disable=g-import-not-at-top
+  twin = getattr(translate, "_next_pow2", None)  # What next_pow2 replaces there.
+  for n in range(5001):
+    assert decode.next_pow2(n, 16) == max(16, 1 << max(0, n - 1).bit_length())
+    assert twin is None or decode.next_pow2(n, 16) == twin(n)
+  for n in range(1, 5001):
+    assert decode.next_pow2(n) == 1 << math.ceil(math.log2(n))
+  assert [decode.bucket_length(n) for n in (0, 16, 17, 256, 257, 4096)] == [
+      16, 16, 32, 256, 512, 4096]
+  ids, mask = decode.left_pad([[1, 2], [], [3]], 4, rows=5)
+  assert ids.dtype == np.int32 and mask.dtype == np.bool_ and ids.shape == mask.shape == (5, 4)
+  assert ids.tolist() == [[0, 0, 1, 2], [0] * 4, [0, 0, 0, 3], [0] * 4, [0] * 4]
+  assert mask.sum(1).tolist() == [2, 0, 1, 0, 0] and mask[0, 2:].all()
+  assert decode.left_pad([[]], 0)[0].shape == (1, 0)
+  with pytest.raises(decode.DecodeError, match="more than 2"):
+    decode.left_pad([[1, 2, 3]], 2)
+
+
+def test_rate_bar_counts_items_tokens_and_time():
+  with decode.RateBar(5, "t", disable=True) as bar:
+    bar.update(2, 30)
+    bar.update(3, 12)
+  assert (bar.items, bar.tokens) == (5, 42) and bar.seconds > 0
+  assert bar.tokens_per_s == pytest.approx(42 / bar.seconds)
 
 
 def test_text_generate_matches_transformers_and_trims_stops(qwen):
