@@ -22,8 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np  # pylint: disable=g-import-not-at-top
 import transformers  # pylint: disable=g-import-not-at-top
 
-from configs import base, demo  # pylint: disable=g-import-not-at-top
-from stt_jax import decode  # pylint: disable=g-import-not-at-top
+from stt_jax import decode, run_config  # pylint: disable=g-import-not-at-top
 from stt_jax.models import load_hf  # pylint: disable=g-import-not-at-top
 from stt_jax.tasks import get_task  # pylint: disable=g-import-not-at-top
 
@@ -35,15 +34,15 @@ def main() -> None:
   parser.add_argument("--budget", type=int, default=0, help="0: the paper config's")
   parser.add_argument("--batch_size", type=int, default=8)
   args = parser.parse_args()
-  path = demo.demo_model_path()
+  path = run_config.demo_model_path()
   model, _ = load_hf(path, dtype="float32")
   tok = transformers.AutoTokenizer.from_pretrained(path)
   task = get_task("mgsm")
   decoder = decode.Decoder(model, batch_size=args.batch_size)
   rows = []
   for lang in args.langs.split(","):
-    budget = args.budget or base.paper_config("mgsm", "de" if lang == "en" else
-                                              lang).eval.max_new_tokens
+    budget = args.budget or run_config.paper_config("mgsm", "de" if lang == "en" else
+                                                    lang).eval.max_new_tokens
     test = task.load("test", lang, limit=args.n)
     start = time.perf_counter()
     done = [None] * len(test)

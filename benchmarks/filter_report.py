@@ -25,48 +25,48 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from configs import base
 from configs import demo
-from stt_jax import translate
+from stt_jax import run_config, translate, translate_assemble
 from stt_jax import translate_filters as tf
+from stt_jax.stages import translate as stage
 from stt_jax.tasks import get_task
+from stt_jax.workdir import Workdir
 
 MODEL_ID = "qwen2.5-coder-0.5b-instruct"
 
 
 def section(task: str, limit: int, sample_seed: int | None):
-  """The demo's translate section, pointed at `task` and its first/sampled `limit` rows."""
+  """The demo's config, pointed at `task` and its first/sampled `limit` rows."""
   cfg = demo.get_config()
   cfg.task.name = task
   cfg.task.train_limit = limit
   cfg.task.train_sample_seed = sample_seed
-  out = base.translate_section(cfg)
-  out.model_id = MODEL_ID
-  out.progress = False
-  return out
+  cfg.translate.model_id = MODEL_ID
+  cfg.translate.progress = False
+  return cfg
 
 
 def old_filters(cfg):
   """`cfg` with the filters as they were before: all letters count, no numbers check."""
   old = cfg.copy_and_resolve_references()
-  old.filters.script_ignore_copied = False
-  old.filters.numbers_tasks = ()
+  old.translate.filters.script_ignore_copied = False
+  old.translate.filters.numbers_tasks = ()
   return old
 
 
 def cached(task_name: str, lang: str, cfg, workdir: pathlib.Path):
   """(rows, plan, {segment: record}) from the cache, or None when segments are missing."""
-  task = get_task(task_name)
-  rows = task.load("train", cfg.src_lang, limit=cfg.limit, data_dir=cfg.data_dir,
-                   source=cfg.data_source, sample_seed=cfg.sample_seed)
-  plan = [{f: translate.split_field(t, cfg) for f, t in task.translatable_texts(r).items()}
+  task, t = get_task(task_name), cfg.translate
+  rows = stage.english_rows(cfg, task)
+  plan = [{f: translate.split_field(x, t) for f, x in task.translatable_texts(r).items()}
           for r in rows]
-  todo = [s for s in translate._unique(  # pylint: disable=protected-access
-      s for fields in plan for parts in fields.values() for line in parts for s in line)
-      if translate.needs_decoding(s)]
-  pairs, _ = translate.exemplars(cfg.exemplars[task.name], lang, cfg)
-  ident = (MODEL_ID, translate.prompt_id(pairs, lang, cfg), lang)
-  cache = translate.TranslationCache(workdir / "translations" / "cache", f"{task.name}_{lang}")
+  todo = list(dict.fromkeys(
+      s for fields in plan for parts in fields.values() for line in parts for s in line
+      if translate.needs_decoding(s)))
+  pairs, _ = translate.exemplars(t.exemplars[task.name], lang, t, cfg.task.data_dir)
+  ident = (MODEL_ID, translate.prompt_id(pairs, lang, t), lang)
+  cache = translate.TranslationCache(Workdir(str(workdir)).translation_cache,
+                                     f"{task.name}_{lang}")
   done = cache.load()
   if any((*ident, s) not in done for s in todo):
     return None
@@ -78,18 +78,18 @@ def demo_model():
   """(model, tokenizer) of the demo, loaded once and only when something must be decoded."""
   import transformers  # pylint: disable=g-import-not-at-top
   from stt_jax.models import load_hf  # pylint: disable=g-import-not-at-top
-  path = demo.demo_model_path()
+  path = run_config.demo_model_path()
   return load_hf(path, dtype="float32")[0], transformers.AutoTokenizer.from_pretrained(path)
 
 
 def decode(task_name: str, lang: str, cfg, workdir: pathlib.Path) -> None:
   """Fills the cache (the slow part: ~1.2 segments/s on 2 CPU cores)."""
-  translate.translate_task(*demo_model(), task_name, lang, cfg, workdir)
+  stage.translate_task(*demo_model(), task_name, lang, cfg, workdir)
 
 
 def segment_drops(task, plan, found, lang, cfg) -> collections.Counter:
   """Rejected segment translations per reason (each unique segment counted once)."""
-  fcfg = translate.filter_config(cfg, task.name)
+  fcfg = translate.filter_config(cfg.translate, task.name)
   seen, counts = set(), collections.Counter()
   for fields in plan:
     for field, parts in fields.items():
@@ -99,7 +99,7 @@ def segment_drops(task, plan, found, lang, cfg) -> collections.Counter:
         seen.add(seg)
         record = found[seg]
         counts[tf.check(seg, record["out"], lang, fcfg, translate.is_truncated(record),
-                        light=field in cfg.filters.light_fields) or "kept"] += 1
+                        light=field in cfg.translate.filters.light_fields) or "kept"] += 1
   return counts
 
 
@@ -107,7 +107,8 @@ def report(name: str, task_name: str, lang: str, cfg, data, samples: int) -> Non
   task = get_task(task_name)
   rows, plan, found = data
   variants = {"before": old_filters(cfg), "after": cfg}
-  results = {k: translate.assemble(task, rows, plan, found, lang, c) for k, c in variants.items()}
+  results = {k: translate_assemble.assemble(task, rows, plan, found, lang, c.translate)
+             for k, c in variants.items()}
   segs = {k: segment_drops(task, plan, found, lang, c) for k, c in variants.items()}
   reasons = ["kept", *tf.REASONS, "unaligned"]
   print(f"\n### {name}: {len(rows)} examples, {len(found)} decoded segments\n")
@@ -120,7 +121,7 @@ def report(name: str, task_name: str, lang: str, cfg, data, samples: int) -> Non
     if any(ex) or any(sg):
       print(f"| {reason} | {ex[0]} | {ex[1]} | {sg[0]} | {sg[1]} |")
   if samples:
-    fcfg = {k: translate.filter_config(c, task.name) for k, c in variants.items()}
+    fcfg = {k: translate.filter_config(c.translate, task.name) for k, c in variants.items()}
     changed = []
     for seg, record in found.items():
       why = {k: tf.check(seg, record["out"], lang, f, translate.is_truncated(record))

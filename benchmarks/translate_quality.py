@@ -45,11 +45,11 @@ def parse_args() -> argparse.Namespace:
 
 def gsm8k_throughput(model, tokenizer, cfg, args) -> dict:
   """Times translate_task on `args.gsm8k` GSM8K questions; extrapolates to 1,000."""
-  from stt_jax import translate  # pylint: disable=g-import-not-at-top
-  cfg.limit = args.gsm8k
+  from stt_jax.stages import translate as stage  # pylint: disable=g-import-not-at-top
+  cfg.task.train_limit = args.gsm8k
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
-    stats = translate.translate_task(model, tokenizer, "mgsm", args.gsm8k_lang, cfg, workdir)
+    stats = stage.translate_task(model, tokenizer, "mgsm", args.gsm8k_lang, cfg, workdir)
     wall = time.perf_counter() - start
   thr = stats["throughput"]
   seg_per_q = stats["segments"]["decode"] / max(stats["items"], 1)
@@ -97,23 +97,24 @@ def markdown(result: dict) -> str:
 def main() -> int:
   args = parse_args()
   import transformers  # pylint: disable=g-import-not-at-top
-  from stt_jax import translate  # pylint: disable=g-import-not-at-top
+  from stt_jax import run_config, translate_quality  # pylint: disable=g-import-not-at-top
   from stt_jax.models import load_hf  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
   model, _ = load_hf(args.model, dtype=args.dtype)
   tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-  cfg = translate.default_translate_config()
-  cfg.shots, cfg.batch_size = args.shots, args.batch_size
-  cfg.quality.mgsm_leave_one_out = not args.no_mgsm_loo
+  cfg = run_config.get_config()
+  cfg.translate.shots, cfg.translate.batch_size = args.shots, args.batch_size
+  cfg.translate.quality.mgsm_leave_one_out = not args.no_mgsm_loo
   result = {"model": args.model, "model_name": os.path.basename(args.model.rstrip("/")),
             "dtype": args.dtype, "shots": args.shots, "batch_size": args.batch_size,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, jax "
                        f"{jax.__version__} on {jax.devices()[0].platform}",
             "load_s": round(time.perf_counter() - start, 1)}
   langs = [lang for lang in args.langs.split(",") if lang]
-  result["quality"] = translate.quality_report(model, tokenizer, langs, cfg, n=args.n)
+  result["quality"] = translate_quality.quality_report(model, tokenizer, langs, cfg.translate,
+                                                       n=args.n)
   if args.gsm8k:
     result["gsm8k"] = gsm8k_throughput(model, tokenizer, cfg, args)
   result["total_s"] = round(time.perf_counter() - start, 1)

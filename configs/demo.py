@@ -8,20 +8,13 @@ self-translated; each variant gets a short LoRA run; the test set is the first `
 XNLI-zh items (label log-likelihood), reported with bootstrap 95% intervals.
 """
 
-import os
-
-from configs import base
-
-
-def demo_model_path() -> str:
-  root = os.environ.get("STT_JAX_CACHE") or os.path.join("~", ".cache", "stt_jax")
-  return os.path.join(os.path.expanduser(root), "qwen2.5-coder-0.5b-instruct")
+from stt_jax import run_config
 
 
 def get_config():
-  c = base.get_config()
+  c = run_config.get_config()
   c.name = "demo"
-  c.model.path = demo_model_path()
+  c.model.path = run_config.demo_model_path()  # Made by python -m stt_jax.models.fetch_demo.
   c.model.name = "qwen2.5-coder-0.5b"
   c.model.dtype = "float32"  # XLA:CPU runs float32 matmuls faster than bfloat16.
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1

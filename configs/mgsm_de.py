@@ -1,11 +1,11 @@
-"""GSM8K (English) -> MGSM (German), Llama-2-7B on a TPU VM (settings: base.paper_config).
+"""GSM8K (English) -> MGSM (German), Llama-2-7B on a TPU VM (settings: run_config.paper_config).
 
     python -m stt_jax.main --config=configs/mgsm_de.py --workdir=/path/to/workdir \
         --config.model.path=/models/Llama-2-7b-hf
 """
 
-from configs import base
+from stt_jax import run_config
 
 
 def get_config():
-  return base.paper_config("mgsm", "de")
+  return run_config.paper_config("mgsm", "de")

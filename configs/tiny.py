@@ -8,11 +8,11 @@ The model folder is made by `python -m tests.make_tiny_model /tmp/tiny_model` (a
 tested.
 """
 
-from configs import base
+from stt_jax import run_config
 
 
 def get_config():
-  c = base.get_config()
+  c = run_config.get_config()
   c.name = "tiny"
   c.model.dtype = "float32"
   c.task.name = "xnli"

@@ -1,11 +1,11 @@
-"""MultiNLI (English) -> XNLI (German), Llama-2-7B on a TPU VM (settings: base.paper_config).
+"""MultiNLI (English) -> XNLI (German), Llama-2-7B on a TPU VM (settings: run_config.paper_config).
 
     python -m stt_jax.main --config=configs/xnli_de.py --workdir=/path/to/workdir \
         --config.model.path=/models/Llama-2-7b-hf
 """
 
-from configs import base
+from stt_jax import run_config
 
 
 def get_config():
-  return base.paper_config("xnli", "de")
+  return run_config.paper_config("xnli", "de")

@@ -20,9 +20,10 @@ from typing import Optional
 
 import numpy as np
 
-from stt_jax import train_data
+from stt_jax import run_config, train_data
 from stt_jax import translate as translate_lib
 from stt_jax.tasks import DataNotFoundError, get_task
+from stt_jax.workdir import Workdir
 
 # Split whose rows carry a gold answer in every language (MGSM test rows have only a number).
 GOLD_SPLIT = {"mgsm": "exemplars", "xquad": "test", "xnli": "test"}
@@ -147,13 +148,12 @@ def measure(cfg, tokenizer, workdir: Optional[str] = None, max_rows: int = 5000,
             context: Optional[int] = None) -> list[Stat]:
   """Every length the config's budgets must cover, per language.
 
-  cfg: a run config (configs/base.py); tokenizer: a Hugging Face tokenizer; max_rows: a
+  cfg: a run config (stt_jax.run_config); tokenizer: a Hugging Face tokenizer; max_rows: a
   seeded sample of each split (0 = all); context: the model's max positions, if known (test
   prompt + eval.max_new_tokens must fit it).
   """
-  from configs import base  # pylint: disable=g-import-not-at-top
   task = get_task(cfg.task.name)
-  t, src = base.translate_section(cfg), cfg.translate.src_lang
+  t, src = cfg.translate, cfg.translate.src_lang
   stats: list[Stat] = []
 
   # English training rows (fields and whole examples) and the translate segments they make.
@@ -217,8 +217,8 @@ def measure(cfg, tokenizer, workdir: Optional[str] = None, max_rows: int = 5000,
 
   # The translate stage's output, once it exists.
   if workdir:
-    for path in sorted(glob.glob(os.path.join(workdir, "translations",
-                                              f"{task.name}_*.train.jsonl"))):
+    pattern = Workdir(workdir).translation(task.name, "*", "train")
+    for path in sorted(glob.glob(pattern)):
       lang = os.path.basename(path)[len(task.name) + 1:-len(".train.jsonl")]
       translated = _sample(train_data.read_rows(path), max_rows)
       stats += _train_stats(task, tokenizer, translated, lang, cfg.train.seq_len, "translated",
@@ -302,14 +302,12 @@ def _context(path: str) -> Optional[int]:
 
 def main(argv: Sequence[str]) -> None:
   from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from configs import base  # pylint: disable=g-import-not-at-top
-  from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cfg = flags.FLAGS.config
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config=configs/mgsm_th.py")
-  config_lib.validate(cfg, base.get_config(), base.choices())
+  run_config.validate(cfg)
   tokenizer = load_tokenizer(cfg.model.path)
   stats = measure(cfg, tokenizer, flags.FLAGS.workdir, flags.FLAGS.max_rows,
                   _context(cfg.model.path))

@@ -1,9 +1,10 @@
 """The command-line plumbing every entry point shares: flags, process start-up, one-line errors.
 
-`python -m stt_jax.main` (the pipeline), `python -m stt_jax.evaluate` (the separate eval loop)
-and `python -m stt_jax.budgets` parse the same --config/--workdir flags, start
-`jax.distributed` the same way, and end known input errors (and a full disk, and a lost peer
-process) as one line. Kept apart from the stages so that no entry point imports another.
+`python -m stt_jax.main` (the pipeline), `python -m stt_jax.stages.evaluate` (the separate eval
+loop; alias `python -m stt_jax.evaluate`) and `python -m stt_jax.budgets` parse the same
+--config/--workdir flags, start `jax.distributed` the same way, and end known input errors
+(and a full disk, and a lost peer process) as one line. Kept apart from the stages so that no
+entry point imports another.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import logging
 import os
 import re
 import sys
+import sysconfig
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from stt_jax import errors
-
-if os.getcwd() not in sys.path:  # `configs.base` resolves from the repository root.
-  sys.path.insert(0, os.getcwd())
+from stt_jax import errors, run_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
                                           lock_config=True)
@@ -52,19 +51,17 @@ def init_distributed() -> None:
 
 def setup():
   """Validated config and absolute workdir; saves workdir/config.json (process 0)."""
-  from configs import base  # pylint: disable=g-import-not-at-top
-  from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   cfg, workdir = _CONFIG.value, _WORKDIR.value
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config=configs/mgsm_th.py")
   if not workdir:
     raise app.UsageError("--workdir is required")
-  config_lib.validate(cfg, base.get_config(), base.choices())
+  run_config.validate(cfg)
   if not cfg.model.path:
-    raise config_lib.ConfigKeyError("config: 'model.path' is empty; set it to a local Hugging "
+    raise run_config.ConfigKeyError("config: 'model.path' is empty; set it to a local Hugging "
                                     "Face folder (e.g. --config.model.path=/models/Llama-2-7b-hf)")
   if not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
-    raise config_lib.ConfigKeyError(
+    raise run_config.ConfigKeyError(
         f"config: model.path={cfg.model.path!r} is not a Hugging Face model folder (no "
         "config.json); download it first (the demo model: python -m stt_jax.models.fetch_demo)")
   init_distributed()
@@ -109,14 +106,13 @@ def one_line_errors(fn):
   """Known input errors end as one line naming the problem and the fix, not a traceback."""
 
   def wrapped(argv):
-    from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     from stt_jax import preflight, sharding, train, train_data  # pylint: disable=g-import-not-at-top
     from stt_jax.checkpoint import CheckpointIOError, CheckpointMismatchError  # pylint: disable=g-import-not-at-top
     from stt_jax.decode import DecodeError  # pylint: disable=g-import-not-at-top
     from stt_jax.models import ConfigError, LoadError  # pylint: disable=g-import-not-at-top
     from stt_jax.models.safetensors_io import SafetensorsError  # pylint: disable=g-import-not-at-top
     from stt_jax.tasks import DataNotFoundError  # pylint: disable=g-import-not-at-top
-    known = (config_lib.ConfigKeyError, ConfigError, LoadError, SafetensorsError,
+    known = (run_config.ConfigKeyError, ConfigError, LoadError, SafetensorsError,
              DataNotFoundError, train_data.DataError, sharding.ShardingError,
              train.NonFiniteLossError, preflight.PreflightError, CheckpointMismatchError,
              CheckpointIOError, DecodeError)
@@ -196,14 +192,40 @@ def parse_flags(argv: list[str]) -> list[str]:
       override = next((a for a in argv if a.startswith("--config.") and
                        a.split("=", 1)[0].endswith("." + leaf)), None)
       if override:
-        from configs import base  # pylint: disable=g-import-not-at-top
-        from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
         key = override.split("=", 1)[0][len("--config."):]
-        near = config_lib.nearest(key, sorted(config_lib.flatten(base.get_config())))
-        msg = f"config: unknown key '{key}' (from {override}){near}"
+        msg = f"config: unknown key '{key}' (from {override}){run_config.nearest_key(key)}"
       else:
-        from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-        msg = config_lib.config_file_error(text) or (
+        msg = config_file_error(text) or (
             "config: " + " ".join(text.replace("\\n", " ").split())[:500])
     sys.stderr.write(msg + "\n")
     sys.exit(2)
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)(?:, in \S+)?\n[ \t]*(\S[^\n]*)')
+_LIBRARY = ("site-packages", "dist-packages", sysconfig.get_paths()["stdlib"])
+
+
+def config_file_error(text: str) -> str | None:
+  """One line for an exception raised while a config file ran, or None for other flag errors.
+
+  absl reports those with the whole traceback inside the flag error; the useful parts are the
+  config file's line (which names the key) and the exception's last line.
+  """
+  if "Error whilst parsing config file" not in text:
+    return None
+  frames = [m for m in _FRAME.finditer(text) if not any(lib in m.group(1) for lib in _LIBRARY)]
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  where = ""
+  if frames:
+    path, line, code = frames[-1].groups()
+    where = f"{path}:{line}: {code}: "
+  return f"config: {where}{lines[-1]}"
+
+
+def run_entry_point(module: str, main) -> None:
+  """`python -m <module>`: under a supervisor parent when several local processes are asked
+  for (stt_jax.supervisor), else the absl app with one-line errors."""
+  from stt_jax import supervisor  # pylint: disable=g-import-not-at-top
+  if supervisor.multi_process(sys.argv):
+    sys.exit(supervisor.run(module, sys.argv))
+  app.run(one_line_errors(main), flags_parser=parse_flags)

@@ -149,3 +149,19 @@ def constrain(x: jax.Array, mesh: Mesh | None, logical: Sequence[str | None]) ->
   if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical, x.shape))
+
+
+def config_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
+  """The mesh a run config's `mesh` section asks for (data, fsdp, tensor; one may be -1)."""
+  return make_mesh({"data": mesh_cfg.data, "fsdp": mesh_cfg.fsdp, "tensor": mesh_cfg.tensor},
+                   devices)
+
+
+def local_mesh(mesh_cfg) -> Mesh:
+  """This host's devices only, for inference (decode, scoring), which runs data parallel
+  across hosts: the configured axes when they fit this host, else fsdp over all of them."""
+  devices = jax.local_devices()
+  try:
+    return config_mesh(mesh_cfg, devices)
+  except ShardingError:
+    return make_mesh({"fsdp": -1}, devices)

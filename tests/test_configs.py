@@ -1,34 +1,58 @@
-"""Shipped configs: they validate, paper ones use the full data, per-language budgets, and the
-LR schedule as fractions of each run."""
+"""Shipped configs: they load as absl does and validate, paper ones use the full data,
+per-language budgets, and the LR schedule as fractions of each run."""
 
-import importlib
 import os
 
+import ml_collections
 import numpy as np
 import pytest
+from ml_collections import config_flags
 
-from configs import base
-from stt_jax import config as config_lib
-from stt_jax import preflight
+from stt_jax import preflight, run_config
 from stt_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
-               if f.endswith(".py") and f not in ("__init__.py", "base.py"))
+               if f.endswith(".py") and f != "__init__.py")
 PAPER = [n for n in NAMES if n not in ("demo", "tiny")]
 
 
 def _config(name):
-  return importlib.import_module(f"configs.{name}").get_config()
+  """The config file loaded by path, as `--config=configs/<name>.py` loads it."""
+  return config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+      f"{name}_config", os.path.join(ROOT, "configs", f"{name}.py")).get_config()
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_every_shipped_config_validates(name):
-  cfg = _config(name)
-  config_lib.validate(cfg, base.get_config(), base.choices())
-  train.validate(cfg)
-  preflight.check_names(cfg)
-  preflight.check_sizes(cfg)
+def test_every_shipped_config_loads_and_validates():
+  assert len(NAMES) == 14
+  for name in NAMES:
+    cfg = _config(name)
+    run_config.validate(cfg)
+    preflight.check_names(cfg)
+    assert run_config.flatten(cfg).keys() == run_config.flatten(run_config.get_config()).keys()
+
+
+def test_validate_names_the_key_and_the_nearest_one():
+  cfg = run_config.get_config()
+  cfg.train.method = "qlora"
+  with pytest.raises(run_config.ConfigKeyError, match="'train.method' = 'qlora' is not one of"):
+    run_config.validate(cfg)
+  typo = run_config.get_config().to_dict()
+  typo["train"]["lrr"] = 1e-3
+  with pytest.raises(run_config.ConfigKeyError,
+                     match=r"unknown key 'train.lrr'; did you mean 'train.lr'\?"):
+    run_config.validate(ml_collections.ConfigDict(typo))
+  for key, value, match in (("eval.batch_size", 0, "eval.batch_size=0 must be positive"),
+                            ("train.grad_accum", 3, "multiple of train.grad_accum=3"),
+                            ("train.lora.targets", "q_proj,qkv", "train.lora")):
+    cfg = run_config.get_config()
+    section, leaf = key.rsplit(".", 1)
+    node = cfg
+    for part in section.split("."):
+      node = node[part]
+    node[leaf] = value
+    with pytest.raises(run_config.ConfigKeyError, match=match):
+      run_config.validate(cfg)
 
 
 def test_paper_configs_read_full_data_and_demo_tiny_opt_into_the_subset():
@@ -50,7 +74,7 @@ def preflight_task(cfg):
 
 @pytest.mark.parametrize("task", ["xnli", "xquad"])
 def test_preflight_refuses_the_bundled_subset_in_one_line(task, tmp_path):
-  cfg = base.paper_config(task, "th")
+  cfg = run_config.paper_config(task, "th")
   cfg.task.data_source = "auto"
   with pytest.raises(preflight.PreflightError) as e:
     preflight.check_data(cfg, ("train",))
@@ -80,7 +104,7 @@ def base_row(task):
 
 def test_thai_budgets_are_larger_than_english_sized_ones():
   for task in ("mgsm", "xnli", "xquad"):
-    de, th, zh = (base.paper_config(task, lang) for lang in ("de", "th", "zh"))
+    de, th, zh = (run_config.paper_config(task, lang) for lang in ("de", "th", "zh"))
     assert th.train.seq_len > de.train.seq_len, task
     assert th.translate.max_new_ratio > de.translate.max_new_ratio, task
     assert th.translate.max_new_tokens > de.translate.max_new_tokens, task
@@ -94,18 +118,25 @@ def _lrs(t, total):
   return np.asarray([float(schedule(round(f * total))) for f in np.linspace(0, 1, 21)])
 
 
+def _train(**fields):
+  cfg = run_config.get_config()
+  cfg.train.update(fields)
+  run_config.validate(cfg)
+  return cfg.train
+
+
 def test_warmup_ratio_gives_one_lr_shape_for_any_length():
-  t = train.validate({"train": {"warmup_steps": 0, "warmup_ratio": 0.1, "lr": 1e-3}}).train
+  t = _train(warmup_steps=0, warmup_ratio=0.1, lr=1e-3)
   short, long = _lrs(t, 200), _lrs(t, 800)
   np.testing.assert_allclose(short, long, rtol=1e-5, atol=1e-9)
   assert short[0] == 0 and short[2] == pytest.approx(1e-3)  # Peak at 10% of the run.
-  steps = train.validate({"train": {"warmup_steps": 20, "lr": 1e-3}}).train
+  steps = _train(warmup_steps=20, lr=1e-3)
   assert not np.allclose(_lrs(steps, 200), _lrs(steps, 800))  # Fixed steps: shapes differ.
 
 
 def test_warmup_steps_and_ratio_both_set_is_one_line():
   with pytest.raises(ValueError) as e:
-    train.validate({"train": {"warmup_steps": 50, "warmup_ratio": 0.03}})
+    _train(warmup_steps=50, warmup_ratio=0.03)
   assert "\n" not in str(e.value) and "--config.train.warmup_steps=0" in str(e.value)
   with pytest.raises(ValueError, match="warmup_ratio must be in"):
-    train.validate({"train": {"warmup_steps": 0, "warmup_ratio": 1.5}})
+    _train(warmup_steps=0, warmup_ratio=1.5)

@@ -11,8 +11,9 @@ import pytest
 import torch
 import transformers
 
-from stt_jax import config as config_lib
-from stt_jax import report, scoring
+from stt_jax import run_config
+from stt_jax import scoring
+from stt_jax.stages import report
 from stt_jax.models import load_hf
 from stt_jax.tasks import get_task
 from tests import hf_tiny
@@ -129,16 +130,16 @@ def test_config_validation_names_nearest_key():
                                       "stages": ["translate"], "opt": None})
   good = ml_collections.ConfigDict({"train": {"lr": 3e-4, "steps": 5, "method": "full"},
                                     "stages": ["train"], "opt": 3})
-  config_lib.validate(good, schema, {"train.method": ("full", "lora")})
+  run_config.check_schema(good, schema, {"train.method": ("full", "lora")})
   bad = ml_collections.ConfigDict(good.to_dict())
   bad.train.lrr = 1.0
-  with pytest.raises(config_lib.ConfigKeyError, match=r"unknown key 'train.lrr'; did you mean "
+  with pytest.raises(run_config.ConfigKeyError, match=r"unknown key 'train.lrr'; did you mean "
                      r"'train.lr'\?"):
-    config_lib.validate(bad, schema)
+    run_config.check_schema(bad, schema)
   wrong = ml_collections.ConfigDict({**good.to_dict(), "train": {**good.train.to_dict(),
                                                                    "steps": "ten"}})
-  with pytest.raises(config_lib.ConfigKeyError, match="'train.steps' must be a number"):
-    config_lib.validate(wrong, schema)
-  with pytest.raises(config_lib.ConfigKeyError, match=r"'stages' = 'trian' is not one of"):
-    config_lib.validate(ml_collections.ConfigDict({**good.to_dict(), "stages": ["trian"]}),
+  with pytest.raises(run_config.ConfigKeyError, match="'train.steps' must be a number"):
+    run_config.check_schema(wrong, schema)
+  with pytest.raises(run_config.ConfigKeyError, match=r"'stages' = 'trian' is not one of"):
+    run_config.check_schema(ml_collections.ConfigDict({**good.to_dict(), "stages": ["trian"]}),
                         schema, {"stages": ("translate", "train")})

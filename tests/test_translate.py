@@ -18,8 +18,9 @@ import time
 
 import pytest
 
-from stt_jax import decode, translate
+from stt_jax import decode, run_config, translate, translate_quality
 from stt_jax.models import load_hf
+from stt_jax.stages import translate as stage
 from stt_jax.tasks import get_task
 from tests import hf_tiny
 from tests.test_decode import rigged
@@ -62,12 +63,17 @@ def tiny(tmp_path_factory):
   return model, hf_tiny.byte_tokenizer()
 
 
-def small_config(**overrides):
-  cfg = translate.default_translate_config()
-  cfg.shots, cfg.batch_size, cfg.progress, cfg.max_new_tokens = 2, 4, False, 4096
-  cfg.model_id = "tiny"  # the same cache key in the subprocess test
+def small_config(limit=None, **overrides):
+  """A run config (the stage reads `limit` English rows) with a small translate section."""
+  cfg = run_config.get_config()
+  cfg.task.train_limit = limit
+  cfg.task.train_sample_seed = None  # The first `limit` rows.
+  cfg.task.allow_subset = True
+  t = cfg.translate
+  t.shots, t.batch_size, t.progress, t.max_new_tokens = 2, 4, False, 4096
+  t.model_id = "tiny"  # the same cache key in the subprocess test
   for k, v in overrides.items():
-    setattr(cfg, k, v)
+    setattr(t, k, v)
   return cfg
 
 
@@ -83,7 +89,7 @@ def outputs(workdir, task, lang):
 
 
 def test_prompt_exact_string():
-  cfg = translate.default_translate_config()
+  cfg = run_config.get_config().translate
   pairs = [("Hello.", "Hallo."), ("Two cats.", "Zwei Katzen.")]
   assert translate.build_prompt(pairs, "A dog.", "de", cfg) == (
       "English: Hello.\nGerman: Hallo.\n\n"
@@ -97,7 +103,7 @@ def test_prompt_exact_string():
 
 
 def test_exemplars_are_parallel_never_test_and_held_out_is_disjoint():
-  cfg = translate.default_translate_config()
+  cfg = run_config.get_config().translate
   math, rest = translate.exemplars("mgsm", "de", cfg)
   en_rows = get_task("mgsm").load("exemplars", "en")
   de_rows = get_task("mgsm").load("exemplars", "de")
@@ -117,7 +123,7 @@ def test_exemplars_are_parallel_never_test_and_held_out_is_disjoint():
 
 
 def test_prompt_id_changes_with_settings():
-  cfg = translate.default_translate_config()
+  cfg = run_config.get_config().translate
   pairs = [("a", "b")]
   base = translate.prompt_id(pairs, "de", cfg)
   assert base == translate.prompt_id(pairs, "de", cfg)
@@ -128,7 +134,7 @@ def test_prompt_id_changes_with_settings():
 
 
 def test_split_and_join_fields():
-  cfg = translate.default_translate_config()
+  cfg = run_config.get_config().translate
   cfg.split_sentences_over = 20
   parts = translate.split_field("Short line.\n\nA long line. It has two sentences.", cfg)
   assert parts == [["Short line."], [], ["A long line.", "It has two sentences."]]
@@ -147,7 +153,7 @@ def test_dedupe_and_squad_alignment(tiny, tmp_path, monkeypatch):
   fake = FakeDecoder()
   monkeypatch.setattr(translate.decode, "generate_stream", fake)
   cfg = small_config(limit=8)
-  stats = translate.translate_task(*tiny, "squad", "de", cfg, tmp_path)
+  stats = stage.translate_task(*tiny, "squad", "de", cfg, tmp_path)
   rows = get_task("xquad").load("train", "en", limit=8)
   segments = {s for r in rows for t in get_task("xquad").translatable_texts(r).values()
               for s in tf_segments(t, cfg)}
@@ -169,14 +175,14 @@ def test_dedupe_and_squad_alignment(tiny, tmp_path, monkeypatch):
 
 
 def tf_segments(text, cfg):
-  return [s for line in translate.split_field(text, cfg) for s in line]
+  return [s for line in translate.split_field(text, cfg.translate) for s in line]
 
 
 def test_codeswitched_rows(tiny, tmp_path, monkeypatch):
   monkeypatch.setattr(translate.decode, "generate_stream", FakeDecoder())
   cfg = small_config(limit=3)
-  cfg.filters.numbers_tasks = ()  # The fake reverses numbers too ('16' -> '61').
-  stats = translate.translate_task(*tiny, "mgsm", "de", cfg, tmp_path)
+  cfg.translate.filters.numbers_tasks = ()  # The fake reverses numbers too ('16' -> '61').
+  stats = stage.translate_task(*tiny, "mgsm", "de", cfg, tmp_path)
   cs = [json.loads(line) for line in read(tmp_path, "mgsm_de.cs.jsonl").splitlines()]
   en = get_task("mgsm").load("train", "en", limit=3)
   assert stats["codeswitched"] == len(cs) == 6
@@ -195,7 +201,7 @@ def test_codeswitched_rows(tiny, tmp_path, monkeypatch):
 def test_squad_codeswitch_keeps_answer_with_its_context(tiny, tmp_path, monkeypatch):
   monkeypatch.setattr(translate.decode, "generate_stream", FakeDecoder())
   cfg = small_config(limit=2)
-  translate.translate_task(*tiny, "xquad", "de", cfg, tmp_path)
+  stage.translate_task(*tiny, "xquad", "de", cfg, tmp_path)
   for line in read(tmp_path, "xquad_de.cs.jsonl").splitlines():
     row = json.loads(line)
     answer = row["answers"][0]
@@ -205,7 +211,7 @@ def test_squad_codeswitch_keeps_answer_with_its_context(tiny, tmp_path, monkeypa
 def test_filtered_examples_are_counted(tiny, tmp_path, monkeypatch):
   """Thai 'translations' in Latin script fail the script check; copies of short texts pass."""
   monkeypatch.setattr(translate.decode, "generate_stream", FakeDecoder())
-  stats = translate.translate_task(*tiny, "xnli", "th", small_config(limit=5), tmp_path)
+  stats = stage.translate_task(*tiny, "xnli", "th", small_config(limit=5), tmp_path)
   assert stats["kept"] == 0 and stats["dropped"] == {"script": 5}
   assert stats["segments"]["rejected"]["script"] > 0
   assert read(tmp_path, "xnli_th.train.jsonl") == ""
@@ -217,12 +223,12 @@ def test_resume_after_crash_and_torn_line(tiny, tmp_path, monkeypatch):
   cfg = small_config(limit=6)
   clean = FakeDecoder()
   monkeypatch.setattr(translate.decode, "generate_stream", clean)
-  translate.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "clean")
+  stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "clean")
 
   crash = FakeDecoder(fail_after=2)
   monkeypatch.setattr(translate.decode, "generate_stream", crash)
   with pytest.raises(RuntimeError, match="simulated crash"):
-    translate.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "run")
+    stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "run")
   part = tmp_path / "run" / "translations" / "cache" / "xnli_de.part000.jsonl"
   done = [json.loads(line)["src"] for line in part.read_text().splitlines()]
   assert done == crash.sources and len(done) >= 4  # everything decoded is on disk
@@ -232,7 +238,7 @@ def test_resume_after_crash_and_torn_line(tiny, tmp_path, monkeypatch):
 
   resume = FakeDecoder()
   monkeypatch.setattr(translate.decode, "generate_stream", resume)
-  stats = translate.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "run")
+  stats = stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "run")
   assert not set(resume.sources) & set(done)
   assert sorted(resume.sources + done) == sorted(clean.sources)
   assert stats["segments"]["cached"] == len(done)
@@ -241,7 +247,7 @@ def test_resume_after_crash_and_torn_line(tiny, tmp_path, monkeypatch):
 
   again = FakeDecoder()
   monkeypatch.setattr(translate.decode, "generate_stream", again)
-  translate.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "run")
+  stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "run")
   assert again.sources == []
 
 
@@ -249,12 +255,12 @@ def test_multi_host_slices_and_merge(tiny, tmp_path, monkeypatch):
   cfg = small_config(limit=6)
   single = FakeDecoder()
   monkeypatch.setattr(translate.decode, "generate_stream", single)
-  translate.translate_task(*tiny, "mgsm", "zh", cfg, tmp_path / "one")
+  stage.translate_task(*tiny, "mgsm", "zh", cfg, tmp_path / "one")
   hosts = []
   for index in (1, 0):  # process 0 last: it merges and writes
     hosts.append(FakeDecoder())
     monkeypatch.setattr(translate.decode, "generate_stream", hosts[-1])
-    stats = translate.translate_task(*tiny, "mgsm", "zh", cfg, tmp_path / "two",
+    stats = stage.translate_task(*tiny, "mgsm", "zh", cfg, tmp_path / "two",
                                      process_index=index, process_count=2)
     written = (tmp_path / "two" / "translations" / "mgsm_zh.stats.json").exists()
     assert written == (index == 0)
@@ -282,13 +288,14 @@ def test_two_real_jax_processes(tiny, tmp_path, monkeypatch):
                                  process_id=int(sys.argv[1]))
       sys.path.insert(0, {str(REPO)!r})
       from stt_jax import sharding, translate
+      from stt_jax.stages import translate as stage
       from stt_jax.models import load_hf
       from tests import hf_tiny, test_translate as t
       fake = t.FakeDecoder()
       translate.decode.generate_stream = fake
       mesh = sharding.make_mesh(devices=jax.local_devices())  # each host decodes alone
       model, _ = load_hf({str(folder)!r}, mesh=mesh)
-      stats = translate.translate_task(model, hf_tiny.byte_tokenizer(), "xnli", "de",
+      stats = stage.translate_task(model, hf_tiny.byte_tokenizer(), "xnli", "de",
                                        t.small_config(limit=6), {str(tmp_path / "two")!r},
                                        mesh=mesh)
       written = os.path.exists({str(tmp_path / "two" / "translations" / "xnli_de.cs.jsonl")!r})
@@ -305,7 +312,7 @@ def test_two_real_jax_processes(tiny, tmp_path, monkeypatch):
     results.append(json.loads(out.decode().split("RESULT ", 1)[1]))
   single = FakeDecoder()
   monkeypatch.setattr(translate.decode, "generate_stream", single)
-  stats = translate.translate_task(*tiny, "xnli", "de", small_config(limit=6), tmp_path / "one")
+  stats = stage.translate_task(*tiny, "xnli", "de", small_config(limit=6), tmp_path / "one")
   assert not set(results[0]["sources"]) & set(results[1]["sources"])
   assert sorted(results[0]["sources"] + results[1]["sources"]) == sorted(single.sources)
   assert results[0]["kept"] == stats["kept"] and results[1]["kept"] is None
@@ -322,6 +329,7 @@ def test_kill_9_mid_run_then_resume(tiny, tmp_path, monkeypatch):
       sys.path.insert(0, {str(REPO)!r})
       from stt_jax import translate
       from stt_jax.models import load_hf
+      from stt_jax.stages import translate as stage
       from tests import hf_tiny, test_translate as t
       fake = t.FakeDecoder()
       def slow(*a, **k):
@@ -331,8 +339,8 @@ def test_kill_9_mid_run_then_resume(tiny, tmp_path, monkeypatch):
       translate.decode.generate_stream = slow
       model, _ = load_hf({str(folder)!r})
       cfg = t.small_config(limit=30)
-      translate.translate_task(model, hf_tiny.byte_tokenizer(), "xnli", "de", cfg,
-                               {str(tmp_path / "run")!r})
+      stage.translate_task(model, hf_tiny.byte_tokenizer(), "xnli", "de", cfg,
+                           {str(tmp_path / "run")!r})
       """)
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=REPO,
@@ -353,11 +361,11 @@ def test_kill_9_mid_run_then_resume(tiny, tmp_path, monkeypatch):
   cfg = small_config(limit=30)
   resume = FakeDecoder()
   monkeypatch.setattr(translate.decode, "generate_stream", resume)
-  stats = translate.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "run")
+  stats = stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "run")
   assert not set(resume.sources) & set(done)
   clean = FakeDecoder()
   monkeypatch.setattr(translate.decode, "generate_stream", clean)
-  translate.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "clean")
+  stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "clean")
   assert sorted(resume.sources + done) == sorted(clean.sources)
   assert stats["segments"]["cached"] == len(done)
   assert outputs(tmp_path / "run", "xnli", "de") == outputs(tmp_path / "clean", "xnli", "de")
@@ -369,8 +377,8 @@ def test_kill_9_mid_run_then_resume(tiny, tmp_path, monkeypatch):
 def test_end_to_end_tiny_model(tiny, tmp_path):
   """Real decoding with a random model: files, stats and schema (outputs are noise)."""
   cfg = small_config(limit=3, max_new_tokens=16)
-  cfg.filters.enabled = ()
-  stats = translate.translate_task(*tiny, "xnli", "de", cfg, tmp_path)
+  cfg.translate.filters.enabled = ()
+  stats = stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path)
   en = get_task("xnli").load("train", "en", limit=3)
   rows = [json.loads(line) for line in read(tmp_path, "xnli_de.train.jsonl").splitlines()]
   assert stats["items"] == 3 and stats["kept"] == 3 and stats["dropped"] == {}
@@ -385,16 +393,16 @@ def test_end_to_end_tiny_model(tiny, tmp_path):
   assert json.loads(read(tmp_path, "xnli_de.stats.json"))["kept"] == 3
   assert len(read(tmp_path, "xnli_de.cs.jsonl").splitlines()) == 6
 
-  cfg.filters.enabled = translate.default_translate_config().filters.enabled
-  refiltered = translate.translate_task(*tiny, "xnli", "de", cfg, tmp_path)
+  cfg.translate.filters.enabled = run_config.get_config().translate.filters.enabled
+  refiltered = stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path)
   assert refiltered["throughput"]["decoded_segments"] == 0  # all from the cache
   assert refiltered["kept"] + sum(refiltered["dropped"].values()) == 3
 
 
 def test_quality_report_tiny_model(tiny):
   cfg = small_config(max_new_tokens=16)
-  cfg.quality.n = 4
-  report = translate.quality_report(*tiny, ["zh"], cfg)
+  cfg.translate.quality.n = 4
+  report = translate_quality.quality_report(*tiny, ["zh"], cfg.translate)
   zh = report["langs"]["zh"]
   assert zh["xnli_dev"]["n"] == 4 and zh["xnli_dev"]["bleu_tokenize"] == "zh"
   assert zh["mgsm_loo"]["n"] == 8
@@ -404,10 +412,10 @@ def test_quality_report_tiny_model(tiny):
 
 def test_translation_scores():
   refs = ["Die Katze sitzt auf der Matte.", "Es regnet heute."]
-  perfect = translate.translation_scores(refs, refs, "de")
+  perfect = translate_quality.translation_scores(refs, refs, "de")
   assert perfect["chrf"] == 100 and perfect["bleu"] == 100 and perfect["bleu_tokenize"] == "13a"
-  assert translate.translation_scores(["你好"], ["你好吗"], "zh")["bleu_tokenize"] == "zh"
-  assert translate.translation_scores(["สวัสดี"], ["สวัสดี"], "th")["chrf"] == 100
+  assert translate_quality.translation_scores(["你好"], ["你好吗"], "zh")["bleu_tokenize"] == "zh"
+  assert translate_quality.translation_scores(["สวัสดี"], ["สวัสดี"], "th")["chrf"] == 100
 
 
 @pytest.mark.parametrize("kind", hf_tiny.TOKENIZERS)
@@ -421,7 +429,7 @@ def test_segments_stop_at_newline_or_count_as_truncated(kind, tmp_path):
   for name, chain in (("stops", answer), ("runs_away", answer[:-1])):
     folder = rigged(kind, str(tmp_path / name), chain, max_position_embeddings=1024)
     model, _ = load_hf(folder)
-    stats = translate.translate_task(model, tok, "xnli", "de", cfg, tmp_path / name)
+    stats = stage.translate_task(model, tok, "xnli", "de", cfg, tmp_path / name)
     part = tmp_path / name / "translations" / "cache" / "xnli_de.part000.jsonl"
     records = [json.loads(line) for line in part.read_text().splitlines()]
     assert len(records) == stats["segments"]["decode"] > 0

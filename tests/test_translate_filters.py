@@ -136,8 +136,8 @@ def test_numbers_filter_skips_light_fields_and_reports_what_is_missing():
 
 
 def test_filter_config_turns_numbers_on_for_math_only():
-  from stt_jax import translate  # pylint: disable=g-import-not-at-top
-  cfg = translate.default_translate_config()
+  from stt_jax import run_config, translate, translate_assemble  # pylint: disable=g-import-not-at-top
+  cfg = run_config.get_config().translate
   assert translate.filter_config(cfg, "mgsm").numbers
   assert not translate.filter_config(cfg, "xnli").numbers
   assert not translate.filter_config(cfg).numbers
@@ -145,9 +145,9 @@ def test_filter_config_turns_numbers_on_for_math_only():
 
 
 def test_assemble_drops_a_math_row_that_lost_a_number():
-  from stt_jax import translate  # pylint: disable=g-import-not-at-top
+  from stt_jax import run_config, translate, translate_assemble  # pylint: disable=g-import-not-at-top
   from stt_jax.tasks import get_task  # pylint: disable=g-import-not-at-top
-  cfg = translate.default_translate_config()
+  cfg = run_config.get_config().translate
   cfg.codeswitch.enabled = False
   task = get_task("mgsm")
   row = task.load("train", limit=1)[0]
@@ -162,14 +162,14 @@ def test_assemble_drops_a_math_row_that_lost_a_number():
   found = lambda texts: {s: {"src": s, "out": o, "ntok": 1, "budget": 64}
                          for s, o in texts.items()}
   assert set(good) == {s for p in plan[0].values() for line in p for s in line}
-  result = translate.assemble(task, [row], plan, found(good), "zh", cfg)
+  result = translate_assemble.assemble(task, [row], plan, found(good), "zh", cfg)
   assert result.stats["kept"] == 1
   assert result.rows[0]["rationale"].endswith("答案是 72。")
   bad = {**good, "The answer is 72.": "答案是 27。"}
-  result = translate.assemble(task, [row], plan, found(bad), "zh", cfg)
+  result = translate_assemble.assemble(task, [row], plan, found(bad), "zh", cfg)
   assert result.stats["kept"] == 0 and result.stats["dropped"] == {"numbers": 1}
   cfg.filters.numbers_tasks = ()
-  assert translate.assemble(task, [row], plan, found(bad), "zh", cfg).stats["kept"] == 1
+  assert translate_assemble.assemble(task, [row], plan, found(bad), "zh", cfg).stats["kept"] == 1
 
 
 def test_regex_sentences():

@@ -105,7 +105,7 @@ def test_wrong_type_in_config_file_is_one_line(tmp_path):
   file:line (naming the key) and the exception (cli.parse_flags prints it)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  from stt_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from stt_jax import cli  # pylint: disable=g-import-not-at-top
   path = _config_file(tmp_path, "c.train.lr = 'fast'")
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
@@ -115,10 +115,10 @@ def test_wrong_type_in_config_file_is_one_line(tmp_path):
       fv(["prog", f"--config={path}"])
   finally:
     sys.path.remove(ROOT)
-  line = config_lib.config_file_error(str(e.value))
+  line = cli.config_file_error(str(e.value))
   assert line.startswith(f"config: {path}:6: c.train.lr = 'fast': TypeError: "), line
   assert "'lr'" in line and "\n" not in line and "Traceback" not in line
-  assert config_lib.config_file_error("flag --config.x=1: unknown") is None
+  assert cli.config_file_error("flag --config.x=1: unknown") is None
 
 
 def test_wrong_type_in_config_file_end_to_end(tiny_model, tmp_path):

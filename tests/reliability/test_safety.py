@@ -150,13 +150,13 @@ def test_config_values_cannot_write_outside_the_workdir(tiny_model, tmp_path, ov
 
 def test_plain_names():
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from stt_jax import run_config  # pylint: disable=g-import-not-at-top
   from stt_jax import preflight  # pylint: disable=g-import-not-at-top
-  cfg = base.get_config()
+  cfg = run_config.get_config()
   cfg.task.target_langs = ("de", "zh-CN", "pt_BR", "sr.latn")
   preflight.check_names(cfg)
   for bad in ("..", "a/b", "", "/abs", ".hidden", "a\\b", "x..y", "zh\n", "-rf"):
-    cfg = ml_collections.ConfigDict(base.get_config().to_dict())
+    cfg = ml_collections.ConfigDict(run_config.get_config().to_dict())
     cfg.eval.langs = ("en", bad)
     with pytest.raises(preflight.PreflightError, match="config: eval.langs has"):
       preflight.check_names(cfg)

@@ -1,7 +1,7 @@
-"""Results table and plots from `eval/metrics.jsonl`: variants × languages, deltas over
-zero-shot cross-lingual transfer, 95% intervals, and accuracy vs model size.
+"""The report stage: results table and plots from `eval/metrics.jsonl`: variants × languages,
+deltas over zero-shot cross-lingual transfer, 95% intervals, and accuracy vs model size.
 
-    python -m stt_jax.report --workdir=/path/to/workdir [--workdir=another ...]
+    python -m stt_jax.stages.report --workdir=/path/to/workdir [--workdir=another ...]
 
 Each metric row is {variant, step, task, lang, metric, value, ci_low, ci_high, n, model,
 params, truncated}. The table takes each (model, variant)'s latest step (the end of training).
@@ -18,6 +18,9 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
+
+from stt_jax import hosts
+from stt_jax.workdir import Workdir
 
 PRIMARY = {"mgsm": "accuracy", "xquad": "f1", "xnli": "accuracy"}
 VARIANT_ORDER = ("base", "zero_shot", "self_translate", "self_translate_cs")
@@ -114,10 +117,9 @@ def train_cuts(workdirs: Sequence[str]) -> str:
   """Markdown lines: training examples that train.seq_len truncated or dropped, per variant,
   source and language (from the last train log row); '' when nothing was cut."""
   lines = []
-  for workdir in workdirs:
-    runs = os.path.join(workdir, "runs")
-    for variant in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
-      log = read_metrics([os.path.join(runs, variant, "train", "metrics.jsonl")])
+  for wd in map(Workdir, workdirs):
+    for variant in wd.variants_trained():
+      log = read_metrics([wd.train_log(variant)])
       cut = log[-1].get("seq_len_cut") if log else None
       for source, langs in sorted((cut or {}).items()):
         for lang, c in sorted(langs.items()):
@@ -200,20 +202,28 @@ def _params(rows, model) -> float:
 
 def write_report(workdirs: Sequence[str], out_dir: str | None = None) -> str:
   """Writes report.md, report.csv and report.png into out_dir (default: first workdir)."""
-  rows = read_metrics(os.path.join(w, "eval", "metrics.jsonl") for w in workdirs)
-  out_dir = out_dir or workdirs[0]
-  os.makedirs(out_dir, exist_ok=True)
+  rows = read_metrics(Workdir(w).eval_metrics for w in workdirs)
+  out = Workdir(out_dir or workdirs[0])
+  os.makedirs(out.root, exist_ok=True)
   md, csv_rows = table(rows)
   md += train_cuts(workdirs)
-  with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+  with open(out.report("md"), "w", encoding="utf-8") as f:
     f.write("# Self-Translate-Train results\n\n" + (md or "No metrics yet.\n"))
   buf = io.StringIO()
   csv.writer(buf).writerows(csv_rows)
-  with open(os.path.join(out_dir, "report.csv"), "w", encoding="utf-8") as f:
+  with open(out.report("csv"), "w", encoding="utf-8") as f:
     f.write(buf.getvalue())
   if rows:
-    plot(rows, os.path.join(out_dir, "report.png"))
+    plot(rows, out.report("png"))
   return md
+
+
+def run(cfg, wd: Workdir, tokenizer=None) -> None:
+  """The pipeline's last stage: prints the table (process 0) and where the files are."""
+  del cfg, tokenizer
+  if hosts.is_main():
+    print(write_report([wd.root]))
+    print(f"report: {wd.report('md')}, {os.path.basename(wd.report('png'))}")
 
 
 def main(argv=None):

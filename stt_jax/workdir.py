@@ -1,0 +1,127 @@
+"""Every path, marker and stamp of a run folder, in one place.
+
+    workdir/config.json                          the resolved config (older ones: config.<t>.json)
+    workdir/translations/<task>_<lang>.train.jsonl   translated rows (translate stage)
+                         <task>_<lang>.cs.jsonl      code-switched rows
+                         <task>_<lang>.stats.json    counts, drops by reason, throughput
+                         <task>_<lang>.done.json     marker: the settings the files were made with
+                         cache/<task>_<lang>.part<host>.jsonl   resumable decode cache
+    workdir/runs/<variant>/checkpoints/<step>/   Orbax (train stage; train.train's layout)
+                           train/metrics.jsonl   one row per log step
+                           train_done.json       marker: final step and metrics
+    workdir/eval/metrics.jsonl                   one row per (variant, step, task, lang, metric)
+                 predictions/<variant>-<step>-<task>-<lang>.jsonl
+                 parts/<variant>-<step>-<task>-<lang>/<host>.json   multi-host hand-over
+                 .lock                           one evaluator scores a checkpoint at a time
+    workdir/report.md, report.csv, report.png
+
+Stages ask this module for a path and never join names themselves, so the layout can change
+in one file. Task names are canonical (`get_task(name).name`), never aliases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from stt_jax import appendlog
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+  root: str
+
+  def __post_init__(self):
+    object.__setattr__(self, "root", os.path.abspath(os.fspath(self.root)))
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.root, *parts)
+
+  @property
+  def config(self) -> str:
+    return self.path("config.json")
+
+  # --------------------------------------------------------------------------- translate
+
+  @property
+  def translations(self) -> str:
+    return self.path("translations")
+
+  def translation(self, task: str, lang: str, kind: str) -> str:
+    """kind: 'train' | 'cs' (jsonl rows), 'stats' | 'done' (json)."""
+    ext = "jsonl" if kind in ("train", "cs") else "json"
+    return os.path.join(self.translations, f"{task}_{lang}.{kind}.{ext}")
+
+  @property
+  def translation_cache(self) -> str:
+    return os.path.join(self.translations, "cache")
+
+  # --------------------------------------------------------------------------- train
+
+  def run(self, variant: str) -> str:
+    """The folder train.train works in for one variant."""
+    return self.path("runs", variant)
+
+  def checkpoints(self, variant: str) -> str:
+    return os.path.join(self.run(variant), "checkpoints")
+
+  def train_log(self, variant: str) -> str:
+    return os.path.join(self.run(variant), "train", "metrics.jsonl")
+
+  def train_done(self, variant: str) -> str:
+    return os.path.join(self.run(variant), "train_done.json")
+
+  def variants_trained(self) -> list[str]:
+    """Variants with a run folder (any state), sorted."""
+    runs = self.path("runs")
+    return sorted(os.listdir(runs)) if os.path.isdir(runs) else []
+
+  # --------------------------------------------------------------------------- eval
+
+  @property
+  def eval(self) -> str:
+    return self.path("eval")
+
+  @property
+  def eval_metrics(self) -> str:
+    return os.path.join(self.eval, "metrics.jsonl")
+
+  @property
+  def eval_lock(self) -> str:
+    return os.path.join(self.eval, ".lock")
+
+  def predictions(self, variant: str, step: int, task: str, lang: str) -> str:
+    return os.path.join(self.eval, "predictions", f"{variant}-{step}-{task}-{lang}.jsonl")
+
+  def eval_parts(self, variant: str, step: int, task: str, lang: str) -> str:
+    return os.path.join(self.eval, "parts", f"{variant}-{step}-{task}-{lang}")
+
+  # --------------------------------------------------------------------------- report
+
+  def report(self, ext: str) -> str:
+    """ext: 'md' | 'csv' | 'png'."""
+    return self.path(f"report.{ext}")
+
+
+def read_json(path: str) -> Any:
+  """The JSON in `path`, or None when it is missing or unreadable (a marker not yet written)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def write_marker(path: str, obj: Any) -> None:
+  """A marker (or stamp) written atomically: readers see all of it or none."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  appendlog.write_json(path, obj, indent=None)
+
+
+def translate_stamp(model_path: str, task: str, lang: str, section: dict) -> dict:
+  """What a language's translation files depend on: a changed setting makes the stage run
+  again (it reuses every cached segment, so only new sources are decoded)."""
+  return {"model": os.path.abspath(model_path), "task": task, "lang": lang,
+          "translate": json.loads(json.dumps(section, sort_keys=True, default=str))}
