@@ -153,47 +153,67 @@ def measure(cfg, tokenizer, workdir: Optional[str] = None, max_rows: int = 5000,
   prompt + eval.max_new_tokens must fit it).
   """
   task = get_task(cfg.task.name)
-  t, src = cfg.translate, cfg.translate.src_lang
-  stats: list[Stat] = []
+  offline: list[str] = []  # A data source found unavailable, not retried for every split.
+  stats = _english_stats(cfg, task, tokenizer, max_rows, offline)
+  seg, en_examples = stats[-1], stats[-2].lengths
+  for lang in cfg.task.target_langs:
+    stats += _translation_stats(cfg, task, tokenizer, lang, seg, en_examples)
+  stats += _eval_stats(cfg, task, tokenizer, context, offline)
+  if workdir:  # The translate stage's output, once it exists.
+    pattern = Workdir(workdir).translation(task.name, "*", "train")
+    for path in sorted(glob.glob(pattern)):
+      lang = os.path.basename(path)[len(task.name) + 1:-len(".train.jsonl")]
+      translated = _sample(train_data.read_rows(path), max_rows)
+      stats += _train_stats(task, tokenizer, translated, lang, cfg.train.seq_len, "translated",
+                            os.path.basename(path))
+  return stats
 
-  # English training rows (fields and whole examples) and the translate segments they make.
-  offline: list[str] = []
+
+def _english_stats(cfg, task, tokenizer, max_rows: int, offline: list) -> list[Stat]:
+  """English training rows (fields and whole examples), then the translate segments they
+  make (last)."""
+  src = cfg.translate.src_lang
   rows, note = _load(task, "train", src, cfg, cfg.task.train_limit, cfg.task.train_sample_seed,
                      offline)
   rows = _sample(list(rows), max_rows)
-  stats += _train_stats(task, tokenizer, rows, src, cfg.train.seq_len, "train", note)
+  stats = _train_stats(task, tokenizer, rows, src, cfg.train.seq_len, "train", note)
   segments = [s for r in rows for text in task.translatable_texts(r).values()
-              for line in translate_lib.split_field(text, t) for s in line]
-  seg = _stat(tokenizer, "translate source segment", src, segments, note=note)
-  stats.append(seg)
-  en_examples = stats[-2].lengths
+              for line in translate_lib.split_field(text, cfg.translate) for s in line]
+  return stats + [_stat(tokenizer, "translate source segment", src, segments, note=note)]
 
-  for lang in cfg.task.target_langs:
-    # How long a translation gets, from parallel text: per pair target/source tokens.
-    pairs = [p for split, fields in PARALLEL[task.name]
-             for p in _parallel(task, split, fields, src, lang, cfg)]
-    src_len = _lengths(tokenizer, [x for x, _ in pairs])
-    splits = "+".join(split for split, _ in PARALLEL[task.name])
-    tgt = _stat(tokenizer, f"translation ({splits}, parallel)", lang, [y for _, y in pairs],
-                budget_key="translate.max_new_tokens/ratio")
-    tgt.fits = tgt.lengths <= _translate_budget(t, src_len)
-    tgt.budget = float(t.max_new_tokens)
-    stats.append(tgt)
-    ratio = tgt.lengths / np.maximum(src_len, 1)
-    stats.append(Stat("translation/source tokens", lang, ratio, budget_key="translate."
-                      "max_new_ratio", budget=t.max_new_ratio if t.max_new_ratio > 0 else None))
-    # Train segments and examples once in `lang`, estimated with the median ratio.
-    r50 = float(np.median(ratio)) if len(ratio) else float("nan")
-    est = np.ceil(seg.lengths * r50).astype(np.int64)
-    stats.append(Stat("translate output (est.)", lang, est, budget_key="translate."
-                      "max_new_tokens/ratio", budget=float(t.max_new_tokens),
-                      fits=est <= _translate_budget(t, seg.lengths), note=f"x{r50:.2f} median"))
-    stats.append(Stat("train prompt+target (est.)", lang,
-                      np.ceil(en_examples * r50).astype(np.int64), budget_key="train.seq_len+1",
-                      budget=cfg.train.seq_len + 1, note=f"x{r50:.2f} median"))
 
-  # Gold answers in every language the model is tested in (what it must generate).
-  generates = cfg.eval.method == "generate"
+def _translation_stats(cfg, task, tokenizer, lang: str, seg: Stat,
+                       en_examples: np.ndarray) -> list[Stat]:
+  """How long a translation into `lang` gets, from parallel text (per pair target/source
+  tokens), and the train segments and examples once in `lang`, estimated with the median
+  ratio."""
+  t, src = cfg.translate, cfg.translate.src_lang
+  pairs = [p for split, fields in PARALLEL[task.name]
+           for p in _parallel(task, split, fields, src, lang, cfg)]
+  src_len = _lengths(tokenizer, [x for x, _ in pairs])
+  splits = "+".join(split for split, _ in PARALLEL[task.name])
+  tgt = _stat(tokenizer, f"translation ({splits}, parallel)", lang, [y for _, y in pairs],
+              budget_key="translate.max_new_tokens/ratio")
+  tgt.fits = tgt.lengths <= _translate_budget(t, src_len)
+  tgt.budget = float(t.max_new_tokens)
+  ratio = tgt.lengths / np.maximum(src_len, 1)
+  r50 = float(np.median(ratio)) if len(ratio) else float("nan")
+  est = np.ceil(seg.lengths * r50).astype(np.int64)
+  return [tgt,
+          Stat("translation/source tokens", lang, ratio, budget_key="translate.max_new_ratio",
+               budget=t.max_new_ratio if t.max_new_ratio > 0 else None),
+          Stat("translate output (est.)", lang, est, budget_key="translate.max_new_tokens/ratio",
+               budget=float(t.max_new_tokens), fits=est <= _translate_budget(t, seg.lengths),
+               note=f"x{r50:.2f} median"),
+          Stat("train prompt+target (est.)", lang, np.ceil(en_examples * r50).astype(np.int64),
+               budget_key="train.seq_len+1", budget=cfg.train.seq_len + 1,
+               note=f"x{r50:.2f} median")]
+
+
+def _eval_stats(cfg, task, tokenizer, context: Optional[int], offline: list) -> list[Stat]:
+  """Gold answers in every test language (what the model must generate), then the test
+  prompts (with the special prefix, as evaluation encodes them)."""
+  stats, generates = [], cfg.eval.method == "generate"
   for lang in cfg.eval.langs:
     try:
       gold = task.load(GOLD_SPLIT[task.name], lang, data_dir=cfg.task.data_dir)
@@ -204,8 +224,6 @@ def measure(cfg, tokenizer, workdir: Optional[str] = None, max_rows: int = 5000,
                        budget_key="eval.max_new_tokens" if generates else "",
                        budget=cfg.eval.max_new_tokens if generates else None,
                        note="" if generates else "loglik: not generated"))
-
-  # Test prompts per eval language (with the special prefix, as evaluation encodes them).
   for lang in cfg.eval.langs:
     test, note = _load(task, "test", lang, cfg, cfg.eval.limit, offline=offline)
     prompt = _stat(tokenizer, "test prompt", lang, [task.format_prompt(r) for r in test],
@@ -214,15 +232,6 @@ def measure(cfg, tokenizer, workdir: Optional[str] = None, max_rows: int = 5000,
       prompt.budget_key = "context-eval.max_new_tokens"
       prompt.budget = context - (cfg.eval.max_new_tokens if generates else 8)
     stats.append(prompt)
-
-  # The translate stage's output, once it exists.
-  if workdir:
-    pattern = Workdir(workdir).translation(task.name, "*", "train")
-    for path in sorted(glob.glob(pattern)):
-      lang = os.path.basename(path)[len(task.name) + 1:-len(".train.jsonl")]
-      translated = _sample(train_data.read_rows(path), max_rows)
-      stats += _train_stats(task, tokenizer, translated, lang, cfg.train.seq_len, "translated",
-                            os.path.basename(path))
   return stats
 
 
