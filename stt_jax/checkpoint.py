@@ -5,7 +5,8 @@ params, optimizer state, rng) and `meta` (JSON: data-iterator position, anything
 Orbax writes each step into a temporary folder and renames it when complete, so a process
 killed mid-save leaves no `<step>/` folder, only a tmp one that is ignored (and removed when
 the trainer reopens the folder). Restoring takes an abstract target (ShapeDtypeStructs with
-the *new* shardings), so a state saved on one mesh loads onto another.
+the *new* shardings), so a state saved on one mesh loads onto another. Evaluation restores the
+`params` alone (`restore_params`): no optimizer state is read or allocated.
 
 A failed restore is told apart by kind, because each needs a different answer:
 - the saved state does not fit the requested one (a changed `train.lora.rank`, method, ...):
@@ -24,7 +25,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -46,9 +47,11 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint whose shapes or structure do not fit the state the run asks for."""
 
 
-# Phrases of orbax's errors for a requested state that does not fit the saved one.
+# What `restore_params` says of requested parameters that were never saved.
+_NOT_SAVED = "are not in the saved state"
+# Phrases of orbax's errors (and ours) for a requested state that does not fit the saved one.
 _MISMATCH = ("not compatible with the stored shape", "tree structures do not match",
-             "Requested shape")
+             "Requested shape", _NOT_SAVED)
 # tensorstore status codes of a storage that failed to answer (not of damaged data), and
 # errno values of the same.
 _IO_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
@@ -104,7 +107,8 @@ class Checkpoints:
         max_to_keep=keep if keep > 0 and not read_only else None,
         enable_async_checkpointing=async_save and not read_only,
         cleanup_tmp_directories=not read_only, create=not read_only, read_only=read_only)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          handler_registry=_handlers())
     self._last_saved: int | None = None
 
   # --------------------------------------------------------------------------- save
@@ -157,43 +161,76 @@ class Checkpoints:
     Raises CheckpointMismatchError (state does not fit), CheckpointIOError (storage failed
     twice), CheckpointError (`step` given and its data unreadable).
     """
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              meta=ocp.args.JsonRestore())
+    found = self._restore_first(lambda s: self._manager.restore(s, args=args), step, settings)
+    if found is None:
+      return None
+    s, out = found
+    return s, out.state, dict(out.meta)
+
+  def restore_params(self, abstract_params: Any, step: int | None = None,
+                     settings: Mapping[str, Mapping] | None = None) -> tuple[int, Any] | None:
+    """(step, params): only the state's `params` item, e.g. for evaluation.
+
+    The optimizer state is neither read nor allocated (it need not even be on disk). Same
+    choice of step and same errors as `restore`; a requested parameter the checkpoint lacks
+    (another train.method, other LoRA targets) is a CheckpointMismatchError.
+    """
+    target = {"params": abstract_params}
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+
+    def read(s: int) -> Any:
+      params = self._manager.restore(s, args=args).state["params"]
+      _check_restored(abstract_params, params)
+      return params
+
+    return self._restore_first(read, step, settings)
+
+  def _restore_first(self, read: Callable[[int], Any], step: int | None,
+                     settings: Mapping[str, Mapping] | None) -> tuple[int, Any] | None:
+    """(step, read(step)) of `step`, else of the newest step that reads; the error policy of
+    the module docstring (retry io once, name changed settings, skip or raise corrupt)."""
     candidates = [step] if step is not None else self.steps()[::-1]
     for s in candidates:
       try:
-        out = self._restore_once(s, abstract_state)
+        return s, self._read_retrying(read, s)
+      except CheckpointIOError:
+        raise
       except Exception as e:  # pylint: disable=broad-exception-caught
         kind = error_kind(e)
-        if kind == "io":
-          logging.warning("checkpoints: reading step %d in %s failed (%s); retrying once", s,
-                          self.directory, _short(e))
-          try:
-            out = self._restore_once(s, abstract_state)
-          except Exception as e2:  # pylint: disable=broad-exception-caught
-            e, kind = e2, error_kind(e2)
-            if kind == "io":
-              raise CheckpointIOError(
-                  f"checkpoints: reading step {s} in {self.directory} failed twice "
-                  f"({_short(e)}); nothing was moved or deleted. Check the storage and rerun"
-              ) from e
         if kind == "mismatch":
           raise self._mismatch(s, e, settings) from e
-        if kind == "corrupt":
-          if step is not None:
-            raise CheckpointError(f"checkpoints: step {s} in {self.directory} cannot be "
-                                  f"restored ({_short(e)})") from e
-          logging.warning("checkpoints: step %d in %s cannot be restored (%s); %s and trying "
-                          "the previous one", s, self.directory, _short(e),
-                          "skipping it" if self.read_only else
-                          f"moving it to {self.directory}.corrupt/")
-          if not self.read_only:
-            self._quarantine(s)
-          continue
-      return s, out.state, dict(out.meta)
+        if step is not None:
+          raise CheckpointError(f"checkpoints: step {s} in {self.directory} cannot be "
+                                f"restored ({_short(e)})") from e
+        logging.warning("checkpoints: step %d in %s cannot be restored (%s); %s and trying "
+                        "the previous one", s, self.directory, _short(e),
+                        "skipping it" if self.read_only else
+                        f"moving it to {self.directory}.corrupt/")
+        if not self.read_only:
+          self._quarantine(s)
     return None
 
-  def _restore_once(self, step: int, abstract_state: Any):
-    return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+  def _read_retrying(self, read: Callable[[int], Any], step: int) -> Any:
+    """read(step), once more after a storage error; CheckpointIOError if that fails too."""
+    try:
+      return read(step)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      if error_kind(e) != "io":
+        raise
+      logging.warning("checkpoints: reading step %d in %s failed (%s); retrying once", step,
+                      self.directory, _short(e))
+    try:
+      return read(step)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      if error_kind(e) == "io":
+        raise CheckpointIOError(
+            f"checkpoints: reading step {step} in {self.directory} failed twice "
+            f"({_short(e)}); nothing was moved or deleted. Check the storage and rerun") from e
+      raise
 
   def _mismatch(self, step: int, error: BaseException,
                 settings: Mapping[str, Mapping] | None) -> CheckpointMismatchError:
@@ -224,6 +261,38 @@ class Checkpoints:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint_quarantine_{step}")
     self._manager.reload()
+
+
+def _check_restored(want: Any, got: Any) -> None:
+  """Raises a mismatch ValueError unless `got` has every leaf of `want`, in its shape. A
+  partial restore hands back the request itself for keys the checkpoint lacks, and (without
+  target shardings) arrays of the saved shape."""
+  pairs = zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got))
+  missing, wrong = [], []
+  for (path, w), g in pairs:
+    if isinstance(g, jax.ShapeDtypeStruct):
+      missing.append(jax.tree_util.keystr(path))
+    elif g.shape != w.shape:
+      wrong.append(f"params{jax.tree_util.keystr(path)}: Requested shape: {w.shape} is not "
+                   f"compatible with the stored shape: {g.shape}")
+  if missing:
+    raise ValueError(f"{len(missing)} requested params (e.g. params{missing[0]}) {_NOT_SAVED}")
+  if wrong:
+    raise ValueError(wrong[0])
+
+
+def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """Item handlers of one manager for both reads: the whole `state` (StandardRestore) and its
+  params alone (PyTreeRestore, partial). Orbax otherwise binds an item to the first handler
+  it is used with and refuses the other."""
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  standard, meta = ocp.StandardCheckpointHandler(), ocp.JsonCheckpointHandler()
+  registry.add("state", ocp.args.StandardSave, standard)
+  registry.add("state", ocp.args.StandardRestore, standard)
+  registry.add("state", ocp.args.PyTreeRestore, ocp.PyTreeCheckpointHandler())
+  registry.add("meta", ocp.args.JsonSave, meta)
+  registry.add("meta", ocp.args.JsonRestore, meta)
+  return registry
 
 
 def _short(error: BaseException, limit: int = 300) -> str:
