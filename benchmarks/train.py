@@ -69,15 +69,16 @@ def peak_rss_mb() -> float:
 
 def run_ours(folder: str, args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from stt_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from stt_jax import flops, run_config, sharding, train  # pylint: disable=g-import-not-at-top
   from stt_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
 
-  config = train.default_train_config()
+  config = run_config.get_config()
   t = config.train
   t.method, t.dtype, t.param_dtype = "full", args.dtype, "float32"
   t.batch_size, t.seq_len, t.lr, t.warmup_steps, t.clip_norm = args.batch, args.seq, LR, \
       WARMUP, CLIP
   t.weight_decay = DECAY
+  run_config.validate(config)
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   model = train._prepare_model(folder, t, mesh)  # pylint: disable=protected-access
   trainer = train.Trainer(model, t, mesh, total_steps=args.warmup + args.steps)
@@ -99,7 +100,7 @@ def run_ours(folder: str, args) -> dict:
   return {"step_s": sorted(times)[len(times) // 2], "times": times,
           "cpu_s": sorted(cpu)[len(cpu) // 2], "losses": losses, "peak_rss_mb": peak_rss_mb(),
           "xla_flops": float(cost.get("flops", 0.0)) if cost else None,
-          "model_flops_per_token": train.flops_per_token(cfg, args.seq, "full"),
+          "model_flops_per_token": flops.flops_per_token(cfg, args.seq, "full"),
           "params": cfg.num_params()}
 
 

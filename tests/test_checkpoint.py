@@ -1,5 +1,6 @@
 """Checkpoints: unfinished and corrupt saves are skipped, a state saved on 8 devices restores on
-4 and on 1, and a NaN loss stops training with the last good checkpoint intact."""
+4 and on 1, the weights-only restore follows the same error policy, and a NaN loss stops
+training with the last good checkpoint intact."""
 
 import glob
 import logging
@@ -47,6 +48,10 @@ def test_unfinished_and_corrupt_checkpoints_are_skipped(tmp_path, caplog):
   # A reader beside a running trainer (evaluation) skips the bad step but changes nothing.
   reader = checkpoint.Checkpoints(directory, read_only=True)
   assert reader.restore(abstract)[0] == 2
+  step, params = reader.restore_params(abstract["params"])  # Weights only: the same choice.
+  assert step == 2 and float(params["w"][0, 0]) == 2.0
+  with pytest.raises(checkpoint.CheckpointError, match="step 4"):  # Asked for: an error.
+    reader.restore_params(abstract["params"], step=4)
   reader.close()
   assert sorted(os.listdir(directory)) == ["2", "4", "6.orbax-checkpoint-tmp-1234"]
   with caplog.at_level(logging.WARNING):
@@ -90,14 +95,28 @@ def test_a_changed_config_is_one_line_naming_the_key_and_nothing_moves(tmp_path)
   with pytest.raises(checkpoint.CheckpointMismatchError, match="do not fit"):
     ckpts.restore(jax.eval_shape(lambda: {"params": {}, "step": jnp.int32(0)}))
   assert ckpts.restore(jax.eval_shape(lambda: _lora_state(8)))[0] == 2  # Old value: fine.
+  # The weights-only restore says the same, and a parameter that was never saved (another
+  # method or target list) is a mismatch too, not a silently unset weight.
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"train.lora.rank=8 \(now 4\)"):
+    ckpts.restore_params(jax.eval_shape(lambda: _lora_state(4))["params"],
+                         settings={"train": {"lr": 1e-4, "lora": {"rank": 4}}})
+  extra = jax.eval_shape(lambda: {**_lora_state(8)["params"], "k_proj": jnp.ones((16, 16))})
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="not in the saved state"):
+    ckpts.restore_params(extra)
+  assert os.listdir(directory) == ["2"] and not os.path.exists(directory + ".corrupt")
   ckpts.close()
 
 
-def test_a_read_error_is_retried_once_then_raised_and_nothing_moves(tmp_path, monkeypatch):
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_a_read_error_is_retried_once_then_raised_and_nothing_moves(tmp_path, monkeypatch,
+                                                                   weights_only):
   import errno  # pylint: disable=g-import-not-at-top
   directory = str(tmp_path / "checkpoints")
   ckpts = _saved(directory)
   abstract = jax.eval_shape(lambda: _lora_state(8))
+  restore = ckpts.restore
+  if weights_only:
+    abstract, restore = abstract["params"], ckpts.restore_params
   real, calls = ckpts._manager.restore, []  # pylint: disable=protected-access
 
   def flaky(*args, fail_times, **kwargs):
@@ -107,11 +126,11 @@ def test_a_read_error_is_retried_once_then_raised_and_nothing_moves(tmp_path, mo
     return real(*args, **kwargs)
 
   monkeypatch.setattr(ckpts._manager, "restore", lambda *a, **k: flaky(*a, fail_times=1, **k))  # pylint: disable=protected-access
-  assert ckpts.restore(abstract)[0] == 2 and len(calls) == 2  # Transient: the retry reads it.
+  assert restore(abstract)[0] == 2 and len(calls) == 2  # Transient: the retry reads it.
   calls.clear()
   monkeypatch.setattr(ckpts._manager, "restore", lambda *a, **k: flaky(*a, fail_times=9, **k))  # pylint: disable=protected-access
   with pytest.raises(checkpoint.CheckpointIOError, match="failed twice"):
-    ckpts.restore(abstract)
+    restore(abstract)
   assert len(calls) == 2
   assert os.listdir(directory) == ["2"] and not os.path.exists(directory + ".corrupt")
   ckpts.close()
@@ -145,16 +164,16 @@ def test_checkpoint_from_8_devices_restores_on_4_and_1(folder, tmp_path):
   for b in batches[:2]:
     state, _ = big.step(state, big.device_batch(b))
   ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", every=2, keep=1)
-  ckpts.save(2, state, {"data": data.state})
+  ckpts.save(2, state.as_dict(), {"data": data.state})
   ckpts.wait()
   saved = jax.device_get(state)
   _, metrics = big.step(state, big.device_batch(batches[2]))
   want = float(metrics["loss"])
   for shape, n in (({"fsdp": 2, "tensor": 2}, 4), ({"fsdp": 1}, 1)):
     small = trainer_on(shape, n)
-    step, restored, meta = ckpts.restore(small.abstract_state())
+    step, restored, meta = small.restore(ckpts)
     assert step == 2 and meta["data"] == data.state
-    kernel = restored["params"]["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+    kernel = restored.params["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
     assert len(kernel.sharding.device_set) == n
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
     _, metrics = small.step(restored, small.device_batch(batches[2]))
@@ -176,6 +195,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path):
   assert ckpts.latest_step() == good
   trainer = train.Trainer(train._prepare_model(folder, config.train, mesh), config.train, mesh,
                           total_steps=8)
-  _, state, _ = ckpts.restore(trainer.abstract_state())
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+  _, state, _ = trainer.restore(ckpts)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
   ckpts.close()

@@ -72,12 +72,12 @@ def test_lora_params_are_sharded_and_alone_in_the_optimizer(folder):
   trainer = train.Trainer(model, config.train, mesh, total_steps=4)
   state = trainer.init_state()
   names = {".".join(str(k.key) for k in path)
-           for path, _ in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
+           for path, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]}
   assert names and all(n.endswith(("lora_a", "lora_b")) for n in names)
   assert len(names) == 2 * 7 * 2  # a, b x seven projections x two layers.
-  adam = state["opt_state"][1][0]
-  assert jax.tree.structure(adam.mu) == jax.tree.structure(state["params"])
-  q = state["params"]["model"]["layers"][0]["self_attn"]["q_proj"]
+  adam = state.opt_state[1][0]
+  assert jax.tree.structure(adam.mu) == jax.tree.structure(state.params)
+  q = state.params["model"]["layers"][0]["self_attn"]["q_proj"]
   P = jax.sharding.PartitionSpec
   assert q["lora_a"].sharding.spec == P("fsdp", None)
   assert q["lora_b"].sharding.spec == P(None, "tensor")

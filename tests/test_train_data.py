@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stt_jax import decode, train, train_data
+from stt_jax import decode, loss, train_data
 from stt_jax.models import load_hf
 from stt_jax.tasks import get_task
 from tests import hf_tiny
@@ -140,7 +140,7 @@ def test_packed_loss_equals_unpacked_loss(tmp_path):
   single = _iterator(examples, batch_size=10, seq_len=128, packing=False).next()
   assert packed.segment_ids.max() > 1, "several examples share a row"
   assert int(np.sum(packed.segment_ids[:, 0] > 0)) < 10
-  sums = [train.token_loss_sum(model, {k: jnp.asarray(v) for k, v in b.arrays().items()})
+  sums = [loss.token_loss_sum(model, {k: jnp.asarray(v) for k, v in b.arrays().items()})
           for b in (packed, single)]
   (loss_p, n_p), (loss_u, n_u) = [(float(a), float(b)) for a, b in sums]
   assert n_p == n_u > 0

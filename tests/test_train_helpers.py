@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stt_jax import train
+from stt_jax import run_config
 
 
 class ByteTokenizer:
@@ -35,8 +35,9 @@ def math_rows(n: int, lang: str = "en", seed: int = 0) -> list[dict]:
 
 
 def small_config(**train_overrides):
-  """float32, full fine-tuning, 8 rows x 64 tokens, log every step, checkpoint every 2."""
-  config = train.default_train_config()
+  """A full run config: float32, full fine-tuning, 8 rows x 64 tokens, log every step,
+  checkpoint every 2."""
+  config = run_config.get_config()
   t = config.train
   t.method = "full"
   t.dtype = "float32"
@@ -56,6 +57,7 @@ def small_config(**train_overrides):
     for p in path:
       node = node[p]
     node[last] = value
+  run_config.validate(config)  # The library trusts its caller to have checked the config.
   return config
 
 

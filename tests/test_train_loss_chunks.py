@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stt_jax import train
+from stt_jax import loss as loss_lib
 from stt_jax.models import load_hf
 from tests import hf_tiny
 
@@ -40,8 +40,8 @@ def test_chunked_loss_matches_full_logits(tmp_path):
 
   want, g_want = jax.value_and_grad(lambda s: loss(_naive, s))(state)
   # 2 x 300 x 256 float32 logits are 600 KiB: a 64 KiB budget forces chunks of 32 positions.
-  for budget in (train.LOSS_LOGITS_BYTES, 64 * 1024):
-    fn = functools.partial(train.token_loss_sum, max_logits_bytes=budget)
+  for budget in (loss_lib.LOSS_LOGITS_BYTES, 64 * 1024):
+    fn = functools.partial(loss_lib.token_loss_sum, max_logits_bytes=budget)
     got, g_got = jax.value_and_grad(lambda s, fn=fn: loss(fn, s))(state)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for a, w in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):

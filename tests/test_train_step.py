@@ -1,18 +1,19 @@
 """The train step: parity with transformers+torch, sharded == unsharded, accumulation, overfit,
-config errors and the MFU formula."""
+the config errors of the train section (run_config.validate) and the MFU formula."""
 
 import functools
 import logging
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
 import transformers
 from flax import nnx
 
-from stt_jax import sharding, train, train_data
+from stt_jax import flops, run_config, sharding, train, train_data
 from stt_jax.models import hf_io, load_hf
 from stt_jax.models.config import ModelConfig
 from stt_jax.tasks import get_task
@@ -91,7 +92,7 @@ def test_sharded_step_equals_unsharded(folder):
     for _ in range(2):
       state, metrics = trainer.step(state, trainer.device_batch(batch))
       losses.append(float(metrics["loss"]))
-    results.append((losses, jax.device_get(state["params"]), state))
+    results.append((losses, jax.device_get(state.params), state))
   (l1, p1, _), (l8, p8, s8) = results
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
   # Adam's normalised update turns ulp-level gradient differences on near-zero gradients into
@@ -99,8 +100,8 @@ def test_sharded_step_equals_unsharded(folder):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.01 * config.train.lr,
                                                        rtol=0), p8, p1)
   # Parameters and their Adam moments are really split over fsdp x tensor.
-  q = s8["params"]["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
-  mu = s8["opt_state"][1][0].mu["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+  q = s8.params["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+  mu = s8.opt_state[1][0].mu["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
   assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert mu.sharding == q.sharding
   assert q.addressable_shards[0].data.size * 4 == q.size
@@ -139,27 +140,39 @@ def test_tiny_model_overfits_in_bf16_with_fp32_master_weights(folder, tmp_path, 
   assert "training data changed since step 40" in caplog.text
 
 
-def test_config_errors():
-  config = train.default_train_config()
-  with pytest.raises(AttributeError, match="lr"):
-    config.train.learning_rate = 1.0  # Locked: a new key is refused.
-  with pytest.raises(ValueError, match=r"unknown key train.lr_warmup; did you mean "
-                     r"train.warmup_steps\?"):
-    train.validate({"train": {"lr_warmup": 10}})
-  with pytest.raises(ValueError, match=r"unknown key train.lora.rnak; did you mean "
-                     r"train.lora.rank\?"):
-    train.validate({"train": {"lora": {"rnak": 8}}})
-  with pytest.raises(ValueError, match="train.method"):
-    train.validate({"train": {"method": "qlora"}})
-  with pytest.raises(ValueError, match="train.lr"):
-    train.validate({"train": {"lr": "fast"}})
-  with pytest.raises(ValueError, match="unknown projection"):
-    train.validate({"train": {"lora": {"targets": "q_proj,qkv"}}})
-  with pytest.raises(ValueError, match="multiple of train.grad_accum"):
-    train.validate({"train": {"batch_size": 6, "grad_accum": 4}})
-  ok = train.validate({"train": {"lr": 1, "steps": 5}, "checkpoint": {"every": 7},
-                       "model": {"path": "ignored"}})
-  assert ok.train.lr == 1.0 and ok.checkpoint.every == 7 and ok.train.method == "lora"
+def _config_with(**fields):
+  """A full run config with `fields` ('train.lora.rank': 8, ...) set in its plain dict, so
+  unknown keys and wrong types reach validate (a ConfigDict refuses a str for a float)."""
+  tree = run_config.get_config().to_dict()
+  for key, value in fields.items():
+    *path, last = key.split(".")
+    node = tree
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return ml_collections.ConfigDict(tree)
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"train.lr_warmup": 10},
+     r"unknown key 'train.lr_warmup'; did you mean 'train.warmup_steps'\?"),
+    ({"train.lora.rnak": 8}, r"unknown key 'train.lora.rnak'; did you mean 'train.lora.rank'\?"),
+    ({"train.method": "qlora"}, "'train.method' = 'qlora' is not one of full, lora"),
+    ({"train.lr": "fast"}, "'train.lr' must be a number"),
+    ({"train.lora.targets": "q_proj,qkv"}, "unknown projection"),
+    ({"train.batch_size": 6, "train.grad_accum": 4}, "multiple of train.grad_accum"),
+])
+def test_config_errors(fields, match):
+  with pytest.raises(run_config.ConfigKeyError, match=match):
+    run_config.validate(_config_with(**fields))
+
+
+def test_good_train_overrides_pass_and_are_used_as_given():
+  config = _config_with(**{"train.lr": 1, "train.steps": 5, "checkpoint.every": 7})
+  run_config.validate(config)
+  assert config.train.lr == 1 and config.checkpoint.every == 7 and config.train.method == "lora"
+  tx, schedule = train.make_optimizer(config.train, total_steps=5)
+  assert tx is not None and float(schedule(4)) == 1.0  # Peak: the warmup is capped at 4.
 
 
 def test_mfu_formula_and_peak_table():
@@ -168,10 +181,12 @@ def test_mfu_formula_and_peak_table():
                     num_key_value_heads=2, head_dim=16)
   n = cfg.num_params() - 1000 * 64
   attn = 4 * 2 * 64 * 128
-  assert train.flops_per_token(cfg, 128, "full") == 6 * n + 3 * attn
-  assert train.flops_per_token(cfg, 128, "lora") == 4 * n + 2 * attn
-  assert train.peak_flops("TPU v5 lite") == 197e12
-  assert train.peak_flops("TPU v5p") == 459e12
-  assert train.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-  assert train.peak_flops("cpu") is None
-  assert train.peak_flops("cpu", configured=1e12) == 1e12
+  assert flops.flops_per_token(cfg, 128, "full") == 6 * n + 3 * attn
+  assert flops.flops_per_token(cfg, 128, "lora") == 4 * n + 2 * attn
+  assert flops.peak_flops("TPU v5 lite") == 197e12
+  assert flops.peak_flops("TPU v5p") == 459e12
+  assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert flops.peak_flops("cpu") is None
+  assert flops.peak_flops("cpu", configured=1e12) == 1e12
+  assert flops.mfu(1e9, 100.0, 1e12, 4) == 1e9 * 100.0 / 4e12
+  assert flops.mfu(1e9, 100.0, None, 4) is None  # CPU: peak unknown.
