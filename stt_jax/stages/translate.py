@@ -116,23 +116,30 @@ def translate_task(model, tokenizer, task_name: str, lang: str, cfg, workdir: os
            "throughput": speed.as_dict()}
   hosts.barrier(f"translate-{name}-decoded")
   if index == 0:
-    found = _lookup(cache, ident, todo)
-    stats["segments"]["truncated"] = sum(map(tl.is_truncated, found.values()))
-    result = assemble(task, rows, plan, found, lang, tcfg)
-    stats.update(result.stats)
-    stats["segments"]["rejected"] = result.segment_rejects
-    stats["rejected_samples"] = result.reject_samples
-    stats["wall_s"] = round(time.perf_counter() - start, 2)
-    os.makedirs(wd.translations, exist_ok=True)
-    appendlog.write_atomic(wd.translation(task.name, lang, "train"), _jsonl(result.rows),
-                           "translate.replace")
-    appendlog.write_atomic(wd.translation(task.name, lang, "cs"), _jsonl(result.cs_rows),
-                           "translate.replace")
-    appendlog.write_json(wd.translation(task.name, lang, "stats"), stats, indent=1,
-                         point="translate.replace")
+    _assemble_and_write(wd, task, lang, rows, plan, _lookup(cache, ident, todo), tcfg, stats,
+                        start)
   hosts.barrier(f"translate-{name}-written")
   stats.setdefault("wall_s", round(time.perf_counter() - start, 2))
   return stats
+
+
+def _assemble_and_write(wd: Workdir, task: Task, lang: str, rows, plan, found, tcfg,
+                        stats: dict, start: float) -> None:
+  """Process 0: training rows from every host's segment translations, written atomically;
+  `stats` gains the counts."""
+  stats["segments"]["truncated"] = sum(map(tl.is_truncated, found.values()))
+  result = assemble(task, rows, plan, found, lang, tcfg)
+  stats.update(result.stats)
+  stats["segments"]["rejected"] = result.segment_rejects
+  stats["rejected_samples"] = result.reject_samples
+  stats["wall_s"] = round(time.perf_counter() - start, 2)
+  os.makedirs(wd.translations, exist_ok=True)
+  appendlog.write_atomic(wd.translation(task.name, lang, "train"), _jsonl(result.rows),
+                         "translate.replace")
+  appendlog.write_atomic(wd.translation(task.name, lang, "cs"), _jsonl(result.cs_rows),
+                         "translate.replace")
+  appendlog.write_json(wd.translation(task.name, lang, "stats"), stats, indent=1,
+                       point="translate.replace")
 
 
 def _jsonl(rows: Sequence[dict]) -> str:
