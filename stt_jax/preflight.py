@@ -146,6 +146,63 @@ def check_batch(cfg, mesh_shape) -> None:
         f"that is a multiple of {dp * t.grad_accum}")
 
 
+def inference_plan(cfg, mesh=None) -> dict:
+  """Per-device bytes of decoding (translate, eval) in the inference layout: the weights'
+  shards (over mesh.tensor only) and a KV cache of the larger decode batch at full context."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from stt_jax import sharding  # pylint: disable=g-import-not-at-top
+  from stt_jax.models import ModelConfig, hf_io  # pylint: disable=g-import-not-at-top
+  mesh = mesh if mesh is not None else sharding.local_mesh(cfg.mesh)
+  config = ModelConfig.from_hf(cfg.model.path)
+  dtype = cfg.model.dtype
+  model = hf_io.abstract_model(config, dtype, cfg.model.param_dtype or None)
+  weights = 0
+  for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = var.get_value()
+    spec = sharding.logical_to_spec(var.get_metadata()["logical_axes"], value.shape, mesh,
+                                    sharding.INFERENCE_RULES)
+    split = np.prod([mesh.shape[a] for part in spec if part
+                     for a in (part if isinstance(part, tuple) else (part,))])
+    weights += value.size * value.dtype.itemsize // int(split)
+  tensor = mesh.shape["tensor"]
+  kv_heads = config.num_key_value_heads // tensor if config.num_key_value_heads % tensor == 0 \
+      else config.num_key_value_heads
+  rows = -(-max(cfg.translate.batch_size, cfg.eval.batch_size) //
+           (mesh.shape["data"] * mesh.shape["fsdp"]))
+  kv = (2 * config.num_hidden_layers * kv_heads * config.head_dim * np.dtype(jax.numpy.dtype(
+      dtype)).itemsize * rows * config.max_position_embeddings)
+  return {"weights": int(weights), "kv_cache": int(kv), "rows": int(rows),
+          "positions": config.max_position_embeddings, "mesh": dict(mesh.shape)}
+
+
+def check_inference_memory(cfg, device_memory: int | None = None, mesh=None) -> dict:
+  """Logs the inference plan; refuses, in one line, a layout whose weights + KV cache exceed
+  the device's memory when that is known (TPU/GPU report it; CPU does not)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  plan = inference_plan(cfg, mesh)
+  if device_memory is None:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    device_memory = stats.get("bytes_limit")
+  gib = lambda n: f"{n / 2**30:.2f} GiB"
+  need = plan["weights"] + plan["kv_cache"]
+  logging.info("preflight: decoding per device (inference layout, mesh %s): %s weights + %s "
+               "KV cache (%d rows x %d positions)%s", plan["mesh"], gib(plan["weights"]),
+               gib(plan["kv_cache"]), plan["rows"], plan["positions"],
+               f" of {gib(device_memory)}" if device_memory else "")
+  if device_memory and need > device_memory:
+    m = cfg.mesh
+    setting = f"mesh.data={m.data}, mesh.fsdp={m.fsdp}, mesh.tensor={m.tensor}"
+    raise PreflightError(
+        f"config: {setting}: decoding needs {gib(plan['weights'])} of weights + "
+        f"{gib(plan['kv_cache'])} of KV cache per device (weights split over mesh.tensor="
+        f"{plan['mesh']['tensor']} only), more than the {gib(device_memory)} a device has; "
+        "raise mesh.tensor (e.g. --config.mesh.tensor=4) or lower translate.batch_size and "
+        "eval.batch_size")
+  return plan
+
+
 # ------------------------------------------------------------------------------ data
 
 
@@ -287,3 +344,5 @@ def check(cfg, workdir: str, tokenizer, stages: Sequence[str] | None = None) -> 
     check_batch(cfg, check_mesh(cfg))
   check_vocab(cfg.model.path, tokenizer)
   check_data(cfg, stages, tokenizer)
+  if {"translate", "eval"} & set(stages):
+    check_inference_memory(cfg)

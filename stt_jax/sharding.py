@@ -1,9 +1,17 @@
-"""Device mesh and the one table that maps logical axis names onto it.
+"""Device mesh and the tables that map logical axis names onto it.
 
 Modules name the axes of every weight and activation logically (`embed`, `heads`, `batch`, ...).
-`LOGICAL_RULES` says which mesh axes each name is split over; nothing else in the code base
+A rules table says which mesh axes each name is split over; nothing else in the code base
 hard-codes a PartitionSpec. The same code then runs on 1 CPU device, 8 emulated CPU devices, a
 GPU or a TPU slice: only the mesh changes.
+
+Two layouts share the activation rules and differ in where weights live:
+- `train` (LOGICAL_RULES): weights FSDP-sharded over `fsdp` (+ `tensor`), so optimizer state
+  and master weights spread over every device;
+- `inference` (INFERENCE_RULES): weights split over `tensor` only and replicated over `data`
+  and `fsdp`, batch over data x fsdp. Decoding then never gathers a weight: under the train
+  layout XLA all-gathers every matrix once per decode call, and each device ends up holding a
+  full replica anyway, without the layout saying so.
 """
 
 from __future__ import annotations
@@ -39,6 +47,10 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "act_vocab": ("tensor",),
     "cache_length": (),
 }
+
+# Inference: no weight dimension over fsdp (each device keeps params / tensor).
+INFERENCE_RULES: dict[str, tuple[str, ...]] = {**LOGICAL_RULES, "embed": ()}
+LAYOUTS = {"train": LOGICAL_RULES, "inference": INFERENCE_RULES}
 
 _warned: set = set()
 
@@ -138,9 +150,16 @@ def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int] | None =
   return P(*spec)
 
 
+def rules(layout: str) -> Mapping[str, tuple[str, ...]]:
+  """The rules table of a layout ('train' or 'inference')."""
+  if layout not in LAYOUTS:
+    raise ShardingError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+  return LAYOUTS[layout]
+
+
 def named_sharding(mesh: Mesh, logical: Sequence[str | None],
-                   shape: Sequence[int] | None = None) -> NamedSharding:
-  return NamedSharding(mesh, logical_to_spec(logical, shape, mesh))
+                   shape: Sequence[int] | None = None, layout: str = "train") -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical, shape, mesh, rules(layout)))
 
 
 def constrain(x: jax.Array, mesh: Mesh | None, logical: Sequence[str | None]) -> jax.Array:

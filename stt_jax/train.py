@@ -154,7 +154,7 @@ def _nest(flat: Mapping[tuple, Any]) -> dict:
   return out
 
 
-def _shardings(state: nnx.State, mesh: Mesh) -> dict:
+def _shardings(state: nnx.State, mesh: Mesh, layout: str = "train") -> dict:
   """Pure-dict tree of NamedShardings from each variable's logical axes (else replicated)."""
   flat = {}
   for keys, var in nnx.to_flat_state(state):
@@ -163,7 +163,7 @@ def _shardings(state: nnx.State, mesh: Mesh) -> dict:
     if axes is None or len(axes) != len(shape):
       flat[keys] = NamedSharding(mesh, P())
     else:
-      flat[keys] = sharding.named_sharding(mesh, axes, shape)
+      flat[keys] = sharding.named_sharding(mesh, axes, shape, layout)
   return _nest(flat)
 
 
@@ -174,10 +174,10 @@ def split_trainable(model: nnx.Module, method: str
   return nnx.split(model, trainable, ...)
 
 
-def abstract_params(params: nnx.State, mesh: Mesh) -> dict:
+def abstract_params(params: nnx.State, mesh: Mesh, layout: str = "train") -> dict:
   """ShapeDtypeStructs of the trainable values with their mesh shardings: the "params" of
   the train state's restore target, and eval's whole restore target."""
-  return checkpoint.abstract(nnx.to_pure_dict(params), _shardings(params, mesh))
+  return checkpoint.abstract(nnx.to_pure_dict(params), _shardings(params, mesh, layout))
 
 
 class Trainer:
@@ -319,7 +319,8 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _prepare_model(model_or_path, t: ml_collections.ConfigDict, mesh: Mesh) -> nnx.Module:
+def _prepare_model(model_or_path, t: ml_collections.ConfigDict, mesh: Mesh,
+                   layout: str = "train") -> nnx.Module:
   """Loads (or copies) the model onto the mesh and adds LoRA adapters if configured.
 
   From a path, weights are read straight into their shards: with LoRA the frozen base is kept
@@ -328,7 +329,8 @@ def _prepare_model(model_or_path, t: ml_collections.ConfigDict, mesh: Mesh) -> n
   """
   if isinstance(model_or_path, (str, os.PathLike)):
     base_dtype = t.dtype if t.method == "lora" else t.param_dtype
-    model, _ = hf_io.load_hf(model_or_path, mesh=mesh, dtype=t.dtype, param_dtype=base_dtype)
+    model, _ = hf_io.load_hf(model_or_path, mesh=mesh, dtype=t.dtype, param_dtype=base_dtype,
+                             layout=layout)
   else:
     model = nnx.clone(model_or_path)
     for _, module in nnx.iter_modules(model):
@@ -336,7 +338,7 @@ def _prepare_model(model_or_path, t: ml_collections.ConfigDict, mesh: Mesh) -> n
         module.mesh = mesh
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
       value = var.get_value()  # Copied: the train step donates its buffers.
-      var.set_value(jax.device_put(value, hf_io.param_sharding(var, value.shape, mesh),
+      var.set_value(jax.device_put(value, hf_io.param_sharding(var, value.shape, mesh, layout),
                                    may_alias=False))
   model.remat = bool(t.remat)
   if t.method == "lora" and not lora.has_lora(model):
@@ -583,18 +585,19 @@ def _save(run: _Run, step: int, state: TrainState, preemption: _Preemption) -> b
 
 
 def weights_target(model: str | os.PathLike | nnx.Module, t: ml_collections.ConfigDict,
-                   mesh: Mesh) -> tuple[nnx.GraphDef, dict, dict]:
+                   mesh: Mesh, layout: str = "train") -> tuple[nnx.GraphDef, dict, dict]:
   """(graphdef, restore target of the trainable weights, frozen values): the model exactly
   as `train` prepares and splits it. The trainable values it was built with are dropped (a
-  checkpoint replaces them); the frozen ones are placed as the Trainer places them."""
-  graphdef, params, frozen = split_trainable(_prepare_model(model, t, mesh), t.method)
-  frozen = jax.device_put(nnx.to_pure_dict(frozen), _shardings(frozen, mesh))
-  return graphdef, abstract_params(params, mesh), frozen
+  checkpoint replaces them); the frozen ones are placed as the Trainer places them (layout
+  'train'), or over `tensor` only (layout 'inference', for decoding: sharding.LAYOUTS)."""
+  graphdef, params, frozen = split_trainable(_prepare_model(model, t, mesh, layout), t.method)
+  frozen = jax.device_put(nnx.to_pure_dict(frozen), _shardings(frozen, mesh, layout))
+  return graphdef, abstract_params(params, mesh, layout), frozen
 
 
 def load_trained(model: str | os.PathLike | nnx.Module, workdir: str | os.PathLike, config,
-                 mesh: Mesh | None = None, step: int | None = None, *, merge: bool = False
-                 ) -> tuple[nnx.Module, int]:
+                 mesh: Mesh | None = None, step: int | None = None, *, merge: bool = False,
+                 layout: str = "train") -> tuple[nnx.Module, int]:
   """(model with a checkpoint's weights, its step): the latest (or `step`) of
   workdir/checkpoints, in eval mode. Reads the trainable weights only: no optimizer is
   built and no optimizer state is read or allocated.
@@ -602,11 +605,13 @@ def load_trained(model: str | os.PathLike | nnx.Module, workdir: str | os.PathLi
   The model is exactly the one that was trained: the same compute dtype and, for LoRA, the
   frozen base plus the float32 adapters, unmerged. Folding small adapter updates into bf16
   kernels rounds many of them away, so evaluation must not score a merged copy. `merge=True`
-  returns the merged copy (what `save_hf` writes; it merges by itself too).
+  returns the merged copy (what `save_hf` writes; it merges by itself too). `layout`
+  'inference' places the weights for decoding and scoring (over `tensor` only; the eval
+  stage's choice), 'train' exactly as the Trainer holds them.
   """
   t = config.train
   mesh = mesh if mesh is not None else sharding.make_mesh()
-  graphdef, target, frozen = weights_target(model, t, mesh)
+  graphdef, target, frozen = weights_target(model, t, mesh, layout)
   ckpts = checkpoint.Checkpoints(os.path.join(os.fspath(workdir), "checkpoints"),
                                  read_only=True)
   try:

@@ -155,23 +155,26 @@ def abstract_model(config: ModelConfig, dtype="float32", param_dtype=None,
                                          mesh=mesh, rngs=nnx.Rngs(0)))
 
 
-def param_sharding(variable, shape, mesh: Mesh | None):
-  """NamedSharding from a parameter's `logical_axes` metadata (single device without mesh)."""
+def param_sharding(variable, shape, mesh: Mesh | None, layout: str = "train"):
+  """NamedSharding from a parameter's `logical_axes` metadata under `layout` (sharding.LAYOUTS;
+  single device without mesh)."""
   if mesh is None:
     return SingleDeviceSharding(jax.local_devices()[0])  # This host's, in multi-host runs too.
   axes = variable.get_metadata().get("logical_axes")
   if axes is None or len(axes) != len(shape):
     raise LoadError(f"parameter with shape {shape} lacks logical_axes metadata")
-  return sharding.named_sharding(mesh, axes, shape)
+  return sharding.named_sharding(mesh, axes, shape, layout)
 
 
 def load_hf(path: str | os.PathLike, mesh: Mesh | None = None, dtype="float32",
-            param_dtype=None) -> tuple[CausalLM, ModelConfig]:
+            param_dtype=None, layout: str = "train") -> tuple[CausalLM, ModelConfig]:
   """Loads a local HF folder into a (sharded) CausalLM.
 
   dtype: compute dtype; param_dtype: storage dtype (default: dtype). Weights of any float dtype
-  in the file are cast to param_dtype per shard, while reading.
+  in the file are cast to param_dtype per shard, while reading. layout: 'train' (weights over
+  fsdp + tensor) or 'inference' (over tensor only, for decoding and scoring; sharding.LAYOUTS).
   """
+  sharding.rules(layout)  # An unknown layout fails before any file is read.
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise LoadError(f"{path}: model folder not found; pass a local Hugging Face folder "
@@ -212,7 +215,7 @@ def load_hf(path: str | os.PathLike, mesh: Mesh | None = None, dtype="float32",
         raise LoadError(f"{f.path}: tensor {hf_name!r} has non-float dtype {src.dtype}")
       view = src.T if transpose else src
       array = jax.make_array_from_callback(
-          shape, param_sharding(var, shape, mesh),
+          shape, param_sharding(var, shape, mesh, layout),
           lambda idx, view=view, target=target: np.array(view[idx], dtype=target))
       var.set_value(array)
       f.release(hf_name)

@@ -219,7 +219,7 @@ def _score_base(cfg, wd: Workdir, tokenizer, mesh, metrics: MetricsFile) -> int:
     if not _agreed(todo):
       return 0
     model, _ = load_hf(cfg.model.path, mesh=mesh, dtype=cfg.model.dtype,
-                       param_dtype=cfg.model.param_dtype or None)
+                       param_dtype=cfg.model.param_dtype or None, layout="inference")
     metrics.append(score_model(model, tokenizer, cfg, BASE, 0, wd, mesh, metrics))
     return 1
 
@@ -231,7 +231,7 @@ def _score_checkpoint(cfg, wd: Workdir, tokenizer, mesh, metrics: MetricsFile, v
   model, error = None, None
   try:
     model, _ = train_lib.load_trained(cfg.model.path, wd.run(variant), cfg, mesh=mesh,
-                                      step=step)
+                                      step=step, layout="inference")
   except CheckpointError as e:
     error = e
   if not hosts.all_hosts(error is None):  # One host that cannot read it: all skip.

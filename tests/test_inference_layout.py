@@ -1,0 +1,119 @@
+"""The inference layout: weights over `tensor` only, so the compiled decode program never
+all-gathers a weight, each device holds params / tensor, and greedy output is the same as
+under the training (FSDP) layout. Read from the compiled HLO: deterministic, no timings."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from stt_jax import decode, sharding
+from stt_jax.models import load_hf
+from tests import hf_tiny
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  return hf_tiny.tmp_model(tmp_path_factory, "llama_gqa")
+
+
+def _hlo_type(array_shape, dtype) -> str:
+  return f"{jnp.dtype(dtype).name.replace('float', 'f')}[{','.join(map(str, array_shape))}]"
+
+
+def compiled_decode(model, mesh, batch=8, prompt=16, new=4) -> str:
+  """The compiled HLO of one decode call (prefill + while loop) on `mesh`."""
+  graphdef, state = nnx.split(model)
+  rows = sharding.named_sharding(mesh, ("batch", None), (batch, prompt))
+  ids = jax.device_put(jnp.ones((batch, prompt), jnp.int32), rows)
+  mask = jax.device_put(jnp.ones((batch, prompt), jnp.bool_), rows)
+  v = model.config.vocab_size
+  stop = decode.StopCriteria.build(v, eos_ids=(2,))
+  return decode._decode_batch.lower(  # pylint: disable=protected-access
+      graphdef, state, jnp.zeros((1, 0), jnp.int32), jnp.zeros((1, 0), jnp.bool_), ids, mask,
+      jax.random.PRNGKey(0), jnp.float32(1), jnp.float32(1), jnp.asarray(stop.token_mask),
+      jnp.asarray(stop.sequences), jnp.asarray(stop.table), max_new_tokens=new, greedy=True,
+      top_k=0).compile().as_text()
+
+
+def gathered_weights(model, hlo: str) -> set[str]:
+  """Weight shapes (as HLO types) that some all-gather in `hlo` produces in full."""
+  weights = {_hlo_type(v.get_value().shape, v.get_value().dtype)
+             for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+             if v.get_value().ndim >= 2}
+  produced = set(re.findall(r"= (\w+\[[\d,]*\])\{?[^ ]* all-gather\(", hlo))
+  return weights & produced
+
+
+def device_bytes(model, device) -> int:
+  return sum(s.data.nbytes for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+             for s in v.get_value().addressable_shards if s.device == device)
+
+
+@pytest.mark.parametrize("shape", [{"fsdp": 8}, {"fsdp": 4, "tensor": 2}])
+def test_decode_never_gathers_a_weight_in_the_inference_layout(folder, shape):
+  mesh = sharding.make_mesh(shape)
+  train_model, _ = load_hf(folder, mesh=mesh)
+  assert gathered_weights(train_model, compiled_decode(train_model, mesh))  # The control.
+  model, _ = load_hf(folder, mesh=mesh, layout="inference")
+  assert gathered_weights(model, compiled_decode(model, mesh)) == set()
+
+
+def test_each_device_holds_params_over_tensor(folder):
+  mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+  model, _ = load_hf(folder, mesh=mesh, layout="inference")
+  expected, total = 0, 0
+  for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = v.get_value()
+    spec = [a for part in value.sharding.spec if part
+            for a in (part if isinstance(part, tuple) else (part,))]
+    assert set(spec) <= {"tensor"}, (v.get_metadata().get("logical_axes"), spec)
+    total += value.nbytes
+    expected += value.nbytes // (2 if "tensor" in spec else 1)
+  assert device_bytes(model, mesh.devices.flat[0]) == expected
+  assert total / 2 <= expected < total  # Matrices halve; norms stay whole.
+  train_model, _ = load_hf(folder, mesh=mesh)
+  assert device_bytes(train_model, mesh.devices.flat[0]) < expected  # FSDP spreads further.
+
+
+def test_greedy_output_is_the_same_in_both_layouts(folder):
+  tok = hf_tiny.byte_tokenizer()
+  mesh = sharding.make_mesh({"fsdp": 8})
+  prompts = ["abc", "hello there", "x" * 30, "a b c d e f", "q", "zz", "tokens!", "end"]
+  out = {}
+  for layout in ("train", "inference"):
+    model, _ = load_hf(folder, mesh=mesh, layout=layout)
+    out[layout] = decode.generate(model, tok, prompts, max_new_tokens=12, stop=())
+  assert out["train"] == out["inference"]
+
+
+def test_unknown_layout_is_one_line(folder):
+  with pytest.raises(sharding.ShardingError, match="unknown layout 'serve'"):
+    load_hf(folder, mesh=sharding.make_mesh(), layout="serve")
+  np.testing.assert_equal(sorted(sharding.LAYOUTS), ["inference", "train"])
+
+
+def test_preflight_plans_decoding_memory_and_refuses_what_does_not_fit(folder):
+  from stt_jax import preflight, run_config  # pylint: disable=g-import-not-at-top
+  cfg = run_config.get_config()
+  cfg.model.path, cfg.model.dtype = folder, "float32"
+  cfg.mesh.fsdp, cfg.mesh.tensor = 4, 2
+  cfg.translate.batch_size, cfg.eval.batch_size = 8, 16
+  model, _ = load_hf(folder, mesh=sharding.local_mesh(cfg.mesh), layout="inference")
+  plan = preflight.check_inference_memory(cfg)  # CPU: memory unknown, only logged.
+  assert plan["weights"] == device_bytes(model, jax.local_devices()[0])
+  config = model.config
+  assert plan["rows"] == 4  # 16 eval rows over data x fsdp = 4.
+  assert plan["kv_cache"] == (2 * config.num_hidden_layers * config.num_key_value_heads // 2 *
+                              config.head_dim * 4 * 4 * config.max_position_embeddings)
+  need = plan["weights"] + plan["kv_cache"]
+  assert preflight.check_inference_memory(cfg, device_memory=need) == plan
+  with pytest.raises(preflight.PreflightError) as e:
+    preflight.check_inference_memory(cfg, device_memory=need - 1)
+  message = str(e.value)
+  assert "\n" not in message and message.startswith("config: mesh.data=1, mesh.fsdp=4, "
+                                                    "mesh.tensor=2: decoding needs")
+  assert "--config.mesh.tensor=" in message
