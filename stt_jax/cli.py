@@ -22,6 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from stt_jax import errors, run_config
+from stt_jax.workdir import Workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
                                           lock_config=True)
@@ -75,14 +76,15 @@ def setup():
 
 def save_config(cfg, workdir: str) -> None:
   """Writes config.json; a rerun with a different config keeps the old one beside it."""
-  path = os.path.join(workdir, "config.json")
+  wd = Workdir(workdir)
+  path = wd.config
   text = json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
   if os.path.isfile(path):
     with open(path, encoding="utf-8") as f:
       old = f.read()
     if old.rstrip("\n") == text:
       return
-    backup = os.path.join(workdir, f"config.{int(time.time())}.json")
+    backup = wd.config_backup(int(time.time()))
     os.replace(path, backup)
     logging.warning("main: config differs from the one this workdir was started with (kept "
                     "as %s); finished stages are not redone", backup)

@@ -148,32 +148,29 @@ def check_batch(cfg, mesh_shape) -> None:
 
 def inference_plan(cfg, mesh=None) -> dict:
   """Per-device bytes of decoding (translate, eval) in the inference layout: the weights'
-  shards (over mesh.tensor only) and a KV cache of the larger decode batch at full context."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  shards (over mesh.tensor only) and a KV cache of the larger decode batch at full context,
+  each placed as the loader and the decoder place them (sharding.named_sharding)."""
+  import math  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from stt_jax import sharding  # pylint: disable=g-import-not-at-top
   from stt_jax.models import ModelConfig, hf_io  # pylint: disable=g-import-not-at-top
+  from stt_jax.models.decoder import KV_CACHE_AXES  # pylint: disable=g-import-not-at-top
   mesh = mesh if mesh is not None else sharding.local_mesh(cfg.mesh)
+
+  def shard(shape, logical):
+    return sharding.named_sharding(mesh, logical, shape, "inference").shard_shape(shape)
+
   config = ModelConfig.from_hf(cfg.model.path)
-  dtype = cfg.model.dtype
-  model = hf_io.abstract_model(config, dtype, cfg.model.param_dtype or None)
-  weights = 0
-  for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value = var.get_value()
-    spec = sharding.logical_to_spec(var.get_metadata()["logical_axes"], value.shape, mesh,
-                                    sharding.INFERENCE_RULES)
-    split = np.prod([mesh.shape[a] for part in spec if part
-                     for a in (part if isinstance(part, tuple) else (part,))])
-    weights += value.size * value.dtype.itemsize // int(split)
-  tensor = mesh.shape["tensor"]
-  kv_heads = config.num_key_value_heads // tensor if config.num_key_value_heads % tensor == 0 \
-      else config.num_key_value_heads
-  rows = -(-max(cfg.translate.batch_size, cfg.eval.batch_size) //
-           (mesh.shape["data"] * mesh.shape["fsdp"]))
-  kv = (2 * config.num_hidden_layers * kv_heads * config.head_dim * np.dtype(jax.numpy.dtype(
-      dtype)).itemsize * rows * config.max_position_embeddings)
-  return {"weights": int(weights), "kv_cache": int(kv), "rows": int(rows),
+  model = hf_io.abstract_model(config, cfg.model.dtype, cfg.model.param_dtype or None)
+  weights = sum(math.prod(shard(v.get_value().shape, v.get_metadata()["logical_axes"]))
+                * v.get_value().dtype.itemsize
+                for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  kv_shape = (config.num_hidden_layers, max(cfg.translate.batch_size, cfg.eval.batch_size),
+              config.num_key_value_heads, config.max_position_embeddings, config.head_dim)
+  kv_shard = shard(kv_shape, KV_CACHE_AXES)  # Keys and values alike.
+  kv = 2 * math.prod(kv_shard) * jnp.dtype(cfg.model.dtype).itemsize
+  return {"weights": int(weights), "kv_cache": int(kv), "rows": int(kv_shard[1]),
           "positions": config.max_position_embeddings, "mesh": dict(mesh.shape)}
 
 

@@ -28,7 +28,7 @@ TASKS = ("mgsm", "xquad", "xnli")
 DTYPES = ("float32", "bfloat16", "float16")
 TRAIN_METHODS = ("full", "lora")
 # Translate-stage inputs that the `task` section owns (one source of truth): the stage reads
-# the English rows with these.
+# the English rows with these, and its done-stamp records them.
 TASK_OWNED = ("train_limit", "train_sample_seed", "data_dir", "data_source", "allow_subset")
 
 LANG_NAMES = {"en": "English", "de": "German", "ru": "Russian", "th": "Thai", "zh": "Chinese"}

@@ -43,6 +43,10 @@ class Workdir:
   def config(self) -> str:
     return self.path("config.json")
 
+  def config_backup(self, stamp: int) -> str:
+    """Where a rerun with another config keeps the one the run started with."""
+    return self.path(f"config.{stamp}.json")
+
   # --------------------------------------------------------------------------- translate
 
   @property

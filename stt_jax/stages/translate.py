@@ -23,7 +23,7 @@ from typing import Any
 
 import jax
 
-from stt_jax import appendlog, faults, hosts, sharding
+from stt_jax import appendlog, faults, hosts, run_config, sharding
 from stt_jax import translate as tl
 from stt_jax.models import load_hf
 from stt_jax.tasks import Task, get_task
@@ -45,8 +45,7 @@ def english_rows(cfg, task: str | Task | None = None) -> list[dict]:
 def stamp(cfg, lang: str) -> dict:
   """What a language's files depend on (the translate section and the task's inputs)."""
   section = cfg.translate.to_dict()
-  section["task_inputs"] = {k: cfg.task[k] for k in ("train_limit", "train_sample_seed",
-                                                      "data_dir", "data_source", "allow_subset")}
+  section["task_inputs"] = {k: cfg.task[k] for k in run_config.TASK_OWNED}
   return translate_stamp(cfg.model.path, get_task(cfg.task.name).name, lang, section)
 
 
