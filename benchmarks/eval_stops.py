@@ -22,7 +22,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import numpy as np  # pylint: disable=g-import-not-at-top
 import transformers  # pylint: disable=g-import-not-at-top
 
-from stt_jax import decode, run_config  # pylint: disable=g-import-not-at-top
+from stt_jax import generation, run_config  # pylint: disable=g-import-not-at-top
+from stt_jax.engine import Engine  # pylint: disable=g-import-not-at-top
 from stt_jax.models import load_hf  # pylint: disable=g-import-not-at-top
 from stt_jax.tasks import get_task  # pylint: disable=g-import-not-at-top
 
@@ -38,7 +39,7 @@ def main() -> None:
   model, _ = load_hf(path, dtype="float32")
   tok = transformers.AutoTokenizer.from_pretrained(path)
   task = get_task("mgsm")
-  decoder = decode.Decoder(model, batch_size=args.batch_size)
+  engine = Engine(model, slots=args.batch_size)
   rows = []
   for lang in args.langs.split(","):
     budget = args.budget or run_config.paper_config("mgsm", "de" if lang == "en" else
@@ -46,9 +47,9 @@ def main() -> None:
     test = task.load("test", lang, limit=args.n)
     start = time.perf_counter()
     done = [None] * len(test)
-    for i, c in decode.generate_stream(model, tok, [task.format_prompt(r) for r in test],
-                                       max_new_tokens=budget, stop=task.stop_sequences,
-                                       decoder=decoder, details=True, desc=f"mgsm {lang}"):
+    for i, c in generation.generate_stream(model, tok, [task.format_prompt(r) for r in test],
+                                           max_new_tokens=budget, stop=task.stop_sequences,
+                                           engine=engine, details=True, desc=f"mgsm {lang}"):
       done[i] = c
     lengths = np.array([c.num_tokens for c in done])
     acc = np.mean([task.example_scores(c.text, r)["accuracy"] for c, r in zip(done, test)])

@@ -1,4 +1,4 @@
-"""Batched, sharded decoding: one jitted prefill + `lax.while_loop` per (batch, prompt) bucket.
+"""Batch-synchronous decoding: one jitted prefill + `lax.while_loop` per (batch, prompt) bucket.
 
 Prompts are left padded into length buckets (multiples of 32, then powers of two) and
 fixed-size batches, so a long list compiles a handful of programs (each logged once). Inside one
@@ -17,8 +17,10 @@ each token after an anchor token, where a token holding part of a UTF-8 characte
 U+FFFD, so stop strings spanning such a split are not seen on device (trimming still is).
 The decoded text is cut at the first stop string on the host (`trim_text`).
 
-`generate_stream(..., details=True)` yields `Completion(text, num_tokens, stopped)`: `stopped`
-is False exactly when a row used its whole token budget without EOS or a stop (truncated).
+This module holds the pieces every decoder shares (sampling settings, stop criteria and
+automata, padding and buckets) and `Decoder`, the batch-synchronous reference path;
+`stt_jax.engine` is the continuous-batching engine the pipeline uses and
+`stt_jax.generation` the text API over it.
 """
 
 from __future__ import annotations
@@ -100,16 +102,6 @@ class StopCriteria:
                table=table)
 
 
-@dataclasses.dataclass(frozen=True)
-class Completion:
-  """One generation: `stopped` is False when the row used its whole token budget without EOS
-  or a stop (a stop on the last allowed token counts as stopped)."""
-
-  text: str          # decoded, without the prompt, EOS and anything from a stop string on
-  num_tokens: int    # generated tokens, the final EOS/stop token included
-  stopped: bool
-
-
 def next_pow2(n: int, minimum: int = 1) -> int:
   """The smallest power of two >= n, and at least `minimum` (a padded length or token budget
   from a few sizes, so few compilations)."""
@@ -162,12 +154,13 @@ class RateBar:
     self._bar = tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
     self._start = time.perf_counter()
 
-  def update(self, items: int, tokens: int) -> None:
+  def update(self, items: int, tokens: int, slot_use: float | None = None) -> None:
     self.items += items
     self.tokens += tokens
     self.seconds = time.perf_counter() - self._start
     self._bar.update(items)
-    self._bar.set_postfix(tok_s=f"{self.tokens_per_s:.1f}")
+    extra = {} if slot_use is None else {"slot_use": f"{slot_use:.0%}"}
+    self._bar.set_postfix(tok_s=f"{self.tokens_per_s:.1f}", **extra)
 
   @property
   def tokens_per_s(self) -> float:
@@ -313,6 +306,10 @@ class Decoder:
     real = [p for p in prompts if p]
     if len(real) < 2 or not self.share_prefix:
       return 0
+    if any(self.model.config.sliding_windows or ()):
+      # The padding between a left-padded prefix and the prompts would count as distance
+      # inside a sliding window; the engine (no padding inside a sequence) has no such limit.
+      return 0
     first, n = real[0], min(len(p) for p in real) - 1
     for p in real[1:]:
       k = 0
@@ -390,9 +387,6 @@ class Decoder:
         for i, (o, stopped) in zip(chunk, outs):
           yield i, o, stopped
         bar.update(len(chunk), sum(len(o) for o, _ in outs))
-
-
-# ------------------------------------------------------------------------------ text API
 
 
 # ------------------------------------------------------------------------------ stop strings
@@ -654,58 +648,3 @@ def trim_text(text: str, stop: Sequence[str]) -> str:
   """Cuts `text` at the first occurrence of any stop string."""
   cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
   return text[:cut]
-
-
-def generate_stream(model: CausalLM, tokenizer, prompts: Sequence[str], *,
-                    max_new_tokens: int = 64, stop: Sequence[str] = ("\n",),
-                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                    seed: int = 0, batch_size: int = 8, mesh=None, truncate: str = "error",
-                    add_special_tokens: bool = True, progress: bool = True,
-                    decoder: Decoder | None = None, desc: str = "decode",
-                    details: bool = False) -> Iterator[tuple[int, str | Completion]]:
-  """Yields (prompt index, completion text) over a long list, with a tqdm bar (items/s,
-  tokens/s, ETA). Completions exclude the prompt, EOS and anything from a stop string on.
-  details=True yields (prompt index, Completion) instead: also the generated token count and
-  whether the row stopped (False = it used all `max_new_tokens`, i.e. was truncated)."""
-  decoder = decoder or Decoder(model, batch_size=batch_size, mesh=mesh)
-  ids = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
-  criteria = stop_criteria(tokenizer, model.config, stop)
-  sampling = Sampling(temperature, top_k, top_p, seed)
-  for i, out, stopped in decoder.generate_ids_stopped(ids, max_new_tokens, criteria, sampling,
-                                                      truncate, progress=progress, desc=desc):
-    count = len(out)
-    if out and out[-1] in criteria.eos_ids:
-      out = out[:-1]
-    text = trim_text(tokenizer.decode(out, skip_special_tokens=True,
-                                      clean_up_tokenization_spaces=False), stop)
-    yield i, (Completion(text, count, stopped) if details else text)
-
-
-def generate(model: CausalLM, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
-             stop: Sequence[str] = ("\n",), temperature: float = 0.0,
-             batch_size: int = 8, mesh=None, **kwargs) -> list[str] | list[Completion]:
-  """Completions for `prompts`, in order (Completion objects with details=True). See
-  `generate_stream` for the options."""
-  kwargs.setdefault("progress", False)
-  out: list = [""] * len(prompts)
-  for i, text in generate_stream(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                 stop=stop, temperature=temperature, batch_size=batch_size,
-                                 mesh=mesh, **kwargs):
-    out[i] = text
-  return out
-
-
-def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
-                    eos_ids: Sequence[int] | None = None, stop_token_ids: Sequence[int] = (),
-                    stop_sequences: Sequence[Sequence[int]] = (), temperature: float = 0.0,
-                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
-                    mesh=None, truncate: str = "error") -> list[list[int]]:
-  """Token-level variant: generated ids per prompt (a final EOS/stop token is kept)."""
-  eos_ids = model.config.eos_token_id if eos_ids is None else eos_ids
-  criteria = StopCriteria.build(model.config.vocab_size, eos_ids, stop_token_ids, stop_sequences)
-  decoder = Decoder(model, batch_size=batch_size, mesh=mesh)
-  out: list[list[int]] = [[] for _ in prompts]
-  for i, ids in decoder.generate_ids(prompts, max_new_tokens, criteria,
-                                     Sampling(temperature, top_k, top_p, seed), truncate):
-    out[i] = ids
-  return out

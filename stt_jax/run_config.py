@@ -129,10 +129,12 @@ def _translate() -> ml_collections.ConfigDict:
   c.xnli_max_chars = 200
   c.exemplar_seed = 0             # ... sampled with this seed (held-out = the rest)
   # --- decoding (greedy, stop at the first newline)
-  c.batch_size = 8
+  c.batch_size = 8                # engine slots: segments decoded at once (refilled as they end)
+  c.steps_per_call = 16           # decode steps per device call; slots are refilled in between
+  c.prefill_chunk = 64            # prompt tokens per prefill call and row (longer: several calls)
   c.max_new_tokens = 256          # cap on generated tokens per segment
-  c.max_new_ratio = 4.0           # budget = min(cap, next pow2(ratio * source tokens + slack));
-  c.max_new_slack = 16            # 0 ratio = always the cap. Few budgets -> few compilations.
+  c.max_new_ratio = 4.0           # budget of each segment = min(cap, ratio * its source tokens
+  c.max_new_slack = 16            # + slack); 0 ratio = always the cap.
   c.truncate = "left"             # prompt longer than the context: keep its end ('error' raises)
   c.progress = True               # tqdm bar: segments/s, tokens/s, ETA
   c.model_id = ""                 # cache key; default: the model folder's name
@@ -398,7 +400,8 @@ def check_ranges(cfg) -> None:
   check(t.seq_len > 1, f"train.seq_len must be > 1, got {t.seq_len}")
   check(all(v >= 0 for v in t.mixture.values()), "train.mixture weights must be >= 0")
   check(k.every > 0 and k.keep >= 0, "checkpoint.every must be > 0 and checkpoint.keep >= 0")
-  for key in ("eval.batch_size", "translate.batch_size", "translate.shots"):
+  for key in ("eval.batch_size", "translate.batch_size", "translate.shots",
+              "translate.steps_per_call", "translate.prefill_chunk"):
     section, name = key.split(".")
     value = cfg[section][name]
     check(value > 0, f"{key}={value} must be positive")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from stt_jax import decode, sharding, train_data
+from stt_jax import decode, generation, sharding, train_data
 from stt_jax.models.decoder import KVCache, positions_from_mask
 from stt_jax.tasks import Task
 
@@ -139,7 +139,7 @@ def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *
     prompts = [task.format_prompt(r) for r in rows]
     predictions = [""] * len(rows)
     stopped = [True] * len(rows)
-    for i, done in decode.generate_stream(
+    for i, done in generation.generate_stream(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens,
         stop=task.stop_sequences, batch_size=batch_size, mesh=mesh, desc=desc, details=True):
       predictions[i], stopped[i] = done.text, done.stopped

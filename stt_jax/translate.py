@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from stt_jax import appendlog
-from stt_jax import decode
+from stt_jax import decode, generation
+from stt_jax.engine import Engine
 from stt_jax import translate_filters as tf
 from stt_jax.tasks import get_task
 
@@ -106,7 +107,7 @@ def prompt_id(pairs: Sequence[Pair], lang: str, cfg) -> str:
   """Hash of everything besides the source text that changes a translation."""
   settings = [list(pairs), lang, cfg.src_lang, cfg.lang_names[cfg.src_lang], cfg.lang_names[lang],
               cfg.example_template, cfg.query_template, cfg.max_new_tokens, cfg.max_new_ratio,
-              cfg.max_new_slack, cfg.truncate]
+              cfg.max_new_slack, cfg.truncate, "budget=per-row"]
   return hashlib.sha256(json.dumps(settings, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -191,26 +192,27 @@ class Throughput:
   segments: int = 0
   tokens: int = 0
   seconds: float = 0.0
+  slot_use: float = 0.0  # useful tokens / (slots x device decode steps)
 
   def as_dict(self) -> dict[str, float]:
     s = max(self.seconds, 1e-9)
     return {"decoded_segments": self.segments, "decoded_tokens": self.tokens,
             "decode_s": round(self.seconds, 2), "segments_per_s": round(self.segments / s, 3),
-            "tokens_per_s": round(self.tokens / s, 2)}
+            "tokens_per_s": round(self.tokens / s, 2), "slot_use": round(self.slot_use, 3)}
 
 
 class Translator:
-  """Greedy one-line translation of prompts with a shared Decoder (compiled buckets persist).
+  """Greedy one-line translation of prompts with a shared continuous-batching Engine (its
+  compiled programs persist across calls).
 
-  Each segment gets a token budget that grows with its source length (see max_new_ratio).
-  Segments are sorted by (budget, prompt length) and cut into full batches, each decoded with
-  its largest budget: a runaway row holds its batch only for that budget, and only the very
-  last batch is partly empty.
+  Each segment gets its own token budget, growing with its source length (see max_new_ratio):
+  a runaway row stops at its own budget, and its slot is refilled at once.
   """
 
   def __init__(self, model, tokenizer, cfg, mesh=None):
     self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-    self.decoder = decode.Decoder(model, batch_size=cfg.batch_size, mesh=mesh)
+    self.engine = Engine(model, slots=cfg.batch_size, mesh=mesh,
+                         steps_per_call=cfg.steps_per_call, prefill_chunk=cfg.prefill_chunk)
 
   def budget(self, source: str) -> int:
     return segment_budget(self.cfg,
@@ -218,27 +220,26 @@ class Translator:
 
   def run(self, prompts: Sequence[str], sources: Sequence[str]
           ) -> Iterator[list[tuple[int, str, int, int, bool]]]:
-    """Yields each decoded batch as [(index, translation, generated tokens, budget, stopped)];
-    stopped is False when the row used its whole budget without a newline or EOS."""
+    """Yields finished segments in groups of up to `batch_size`, as
+    [(index, translation, generated tokens, budget, stopped)]; stopped is False when the row
+    used its whole budget without a newline or EOS."""
     budgets = [self.budget(s) for s in sources]
-    order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(prompts[i])))
-    size = self.decoder.batch_size
-    for k in range(0, len(order), size):
-      chunk = order[k:k + size]
-      budget = max(budgets[i] for i in chunk)
-      batch = []
-      for j, done in decode.generate_stream(
-          self.model, self.tokenizer, [prompts[i] for i in chunk], max_new_tokens=budget,
-          stop=("\n",), decoder=self.decoder, truncate=self.cfg.truncate, progress=False,
-          details=True):
-        batch.append((chunk[j], done.text.strip(), done.num_tokens, budget, done.stopped))
-      yield batch
+    group = []
+    for i, done in generation.generate_stream(
+        self.model, self.tokenizer, prompts, max_new_tokens=budgets, stop=("\n",),
+        engine=self.engine, truncate=self.cfg.truncate, progress=False, details=True):
+      group.append((i, done.text.strip(), done.num_tokens, budgets[i], done.stopped))
+      if len(group) >= self.cfg.batch_size:
+        yield group
+        group = []
+    if group:
+      yield group
 
   def translate(self, prompts: Sequence[str], sources: Sequence[str], desc: str,
                 on_batch: Callable[[list[dict]], None] | None = None
                 ) -> tuple[list[dict], Throughput]:
     """Records {src, out, ntok, budget, stopped} in order (ntok: generated tokens, the stop
-    token included); `on_batch` sees each batch as it finishes."""
+    token included); `on_batch` sees each group as it finishes."""
     results: list[dict] = [{} for _ in sources]
     with decode.RateBar(len(sources), desc, unit="seg", disable=not self.cfg.progress) as bar:
       for batch in self.run(prompts, sources):
@@ -248,18 +249,20 @@ class Translator:
           results[i] = record
         if on_batch:
           on_batch(records)
-        bar.update(len(records), sum(r["ntok"] for r in records))
-    return results, Throughput(bar.items, bar.tokens, bar.seconds)
+        bar.update(len(records), sum(r["ntok"] for r in records),
+                   slot_use=self.engine.stats.slot_use(self.engine.slots))
+    speed = Throughput(bar.items, bar.tokens, bar.seconds,
+                       slot_use=self.engine.stats.slot_use(self.engine.slots))
+    return results, speed
 
 
 def segment_budget(cfg, source_tokens: int) -> int:
   """Generated-token budget of a segment of `source_tokens` English tokens:
-  min(max_new_tokens, next pow2(max_new_ratio * source_tokens + max_new_slack)), or always
-  max_new_tokens when the ratio is 0."""
+  min(max_new_tokens, max_new_ratio * source_tokens + max_new_slack), or always
+  max_new_tokens when the ratio is 0. Exact per row: the engine compiles nothing per budget."""
   if cfg.max_new_ratio <= 0:
     return cfg.max_new_tokens
-  need = int(cfg.max_new_ratio * source_tokens) + cfg.max_new_slack
-  return min(cfg.max_new_tokens, decode.next_pow2(need, 16))
+  return min(cfg.max_new_tokens, int(cfg.max_new_ratio * source_tokens) + cfg.max_new_slack)
 
 
 def is_truncated(record: Mapping[str, Any]) -> bool:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from stt_jax import decode, sharding
+from stt_jax import decode, generation, sharding
 from stt_jax.models import load_hf
 from tests import hf_tiny
 
@@ -52,7 +52,7 @@ def test_greedy_token_identical_to_transformers(tiny):
   prompts = prompts_of([5, 17, 9, 1])
   expected = hf_greedy(tiny, prompts)
   model, _ = load_hf(tiny)
-  got = decode.generate_tokens(model, prompts, max_new_tokens=NEW, eos_ids=(), batch_size=4)
+  got = generation.generate_tokens(model, prompts, max_new_tokens=NEW, eos_ids=(), batch_size=4)
   assert got == expected
 
 
@@ -64,60 +64,60 @@ def qwen(tmp_path_factory):
 def test_batched_equals_single_and_sharded_equals_unsharded(qwen):
   prompts = prompts_of([3, 20, 7, 11, 2, 30, 8, 5, 14], seed=1)
   model, _ = load_hf(qwen)
-  single = [decode.generate_tokens(model, [p], NEW, eos_ids=(), batch_size=1)[0]
+  single = [generation.generate_tokens(model, [p], NEW, eos_ids=(), batch_size=1)[0]
             for p in prompts]
-  batched = decode.generate_tokens(model, prompts, NEW, eos_ids=(), batch_size=4)
+  batched = generation.generate_tokens(model, prompts, NEW, eos_ids=(), batch_size=4)
   assert batched == single
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sharded_model, _ = load_hf(qwen, mesh=mesh)
-  sharded = decode.generate_tokens(sharded_model, prompts, NEW, eos_ids=(), batch_size=8)
+  sharded = generation.generate_tokens(sharded_model, prompts, NEW, eos_ids=(), batch_size=8)
   assert sharded == single
 
 
 def test_eos_and_stop_conditions(qwen):
   model, _ = load_hf(qwen)
   prompt = prompts_of([6], seed=2)
-  free = decode.generate_tokens(model, prompt, NEW, eos_ids=())[0]
+  free = generation.generate_tokens(model, prompt, NEW, eos_ids=())[0]
   assert len(free) == NEW
   eos = free[3]
   first = free.index(eos)
-  with_eos = decode.generate_tokens(model, prompt, NEW, eos_ids=(eos,))[0]
+  with_eos = generation.generate_tokens(model, prompt, NEW, eos_ids=(eos,))[0]
   assert with_eos == free[:first + 1]
   assert hf_greedy(qwen, prompt, eos=eos)[0] == with_eos
   # A stop token and a two-token stop sequence end the row right after them.
-  assert decode.generate_tokens(model, prompt, NEW, eos_ids=(), stop_token_ids=(free[5],))[0] \
+  assert generation.generate_tokens(model, prompt, NEW, eos_ids=(), stop_token_ids=(free[5],))[0] \
       == free[:free.index(free[5]) + 1]
   seq = free[6:8]
   hit = next(i for i in range(1, NEW) if free[i - 1:i + 1] == seq)
-  assert decode.generate_tokens(model, prompt, NEW, eos_ids=(), stop_sequences=(seq,))[0] \
+  assert generation.generate_tokens(model, prompt, NEW, eos_ids=(), stop_sequences=(seq,))[0] \
       == free[:hit + 1]
   # max_new_tokens bounds the output.
-  assert decode.generate_tokens(model, prompt, 3, eos_ids=())[0] == free[:3]
+  assert generation.generate_tokens(model, prompt, 3, eos_ids=())[0] == free[:3]
 
 
 def test_empty_list_and_long_prompt(qwen):
   model, config = load_hf(qwen)
-  assert decode.generate_tokens(model, [], NEW) == []
+  assert generation.generate_tokens(model, [], NEW) == []
   too_long = prompts_of([config.max_position_embeddings], seed=3)
   with pytest.raises(decode.DecodeError, match=r"prompt 0 has 256 tokens.*truncate='left'"):
-    decode.generate_tokens(model, too_long, NEW)
+    generation.generate_tokens(model, too_long, NEW)
   # The documented policy keeps the last tokens.
-  cut = decode.generate_tokens(model, too_long, NEW, truncate="left", eos_ids=())[0]
+  cut = generation.generate_tokens(model, too_long, NEW, truncate="left", eos_ids=())[0]
   kept = too_long[0][-(config.max_position_embeddings - NEW):]
-  assert cut == decode.generate_tokens(model, [kept], NEW, eos_ids=())[0]
+  assert cut == generation.generate_tokens(model, [kept], NEW, eos_ids=())[0]
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(qwen):
   model, _ = load_hf(qwen)
   prompts = prompts_of([4, 9], seed=4)
-  greedy = decode.generate_tokens(model, prompts, NEW, eos_ids=())
-  a = decode.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0, seed=7)
-  b = decode.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0, seed=7)
-  c = decode.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0, seed=8)
+  greedy = generation.generate_tokens(model, prompts, NEW, eos_ids=())
+  a = generation.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0, seed=7)
+  b = generation.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0, seed=7)
+  c = generation.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0, seed=8)
   assert a == b and a != c
-  assert decode.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0,
+  assert generation.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0,
                                 top_k=1) == greedy
-  assert decode.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0,
+  assert generation.generate_tokens(model, prompts, NEW, eos_ids=(), temperature=1.0,
                                 top_p=1e-6) == greedy
 
 
@@ -164,7 +164,7 @@ def test_text_generate_matches_transformers_and_trims_stops(qwen):
   for row in raw:
     row = row[:-1] if row and row[-1] == 2 else row
     expected.append(decode.trim_text(tok.decode(row), ["o", "\n"]))
-  got = decode.generate(model, tok, texts, max_new_tokens=NEW, stop=("o", "\n"),
+  got = generation.generate(model, tok, texts, max_new_tokens=NEW, stop=("o", "\n"),
                         add_special_tokens=False, batch_size=2)
   assert got == expected
   # Rows that hit a stop token end early on device: all stopped rows' texts lack the stop.
@@ -280,11 +280,11 @@ def test_stop_strings_end_at_the_right_token(kind, tmp_path):
   assert tok.decode([nl]) == "\n"
   budget = 24
   model, _ = load_hf(rigged(kind, os.fspath(tmp_path / "nl"), [nl]))
-  run = lambda stop, n=budget: decode.generate(model, tok, ["Hi"], n, stop=stop,
+  run = lambda stop, n=budget: generation.generate(model, tok, ["Hi"], n, stop=stop,
                                                details=True)[0]
-  assert run(("\n\n",)) == decode.Completion("", 2, True)
-  assert run(("\n\n\n",)) == decode.Completion("", 3, True)
-  assert run(()) == decode.Completion("\n" * budget, budget, False)
+  assert run(("\n\n",)) == generation.Completion("", 2, True)
+  assert run(("\n\n\n",)) == generation.Completion("", 3, True)
+  assert run(()) == generation.Completion("\n" * budget, budget, False)
 
   chain = tok.encode("Lab 7.\nQuestion:", add_special_tokens=False)
   prompt = "xyz"
@@ -294,26 +294,26 @@ def test_stop_strings_end_at_the_right_token(kind, tmp_path):
   for stops in [("\nQuestion:",), (" 7",), ("b 7.",), (".\nQ",), ("ion:",), ("ab",),
                 (" L",), ("ion:", "b 7")]:
     want = first_stop(tok, looped, stops)
-    got = decode.generate(model, tok, [prompt], budget, stop=stops, details=True)[0]
+    got = generation.generate(model, tok, [prompt], budget, stop=stops, details=True)[0]
     assert (got.num_tokens, got.stopped) == ((want, True) if want else (budget, False)), \
         (stops, got, want)
-  got = decode.generate(model, tok, [prompt, "zz"], budget, stop=("\nQuestion:",),
+  got = generation.generate(model, tok, [prompt, "zz"], budget, stop=("\nQuestion:",),
                         details=True)
-  assert got == [decode.Completion("Lab 7.", len(chain), True)] * 2
+  assert got == [generation.Completion("Lab 7.", len(chain), True)] * 2
   # A stop on the last allowed token counts as stopped; one token less is truncated.
-  assert decode.generate(model, tok, [prompt], len(chain), stop=("\nQuestion:",),
+  assert generation.generate(model, tok, [prompt], len(chain), stop=("\nQuestion:",),
                          details=True)[0].stopped
-  cut = decode.generate(model, tok, [prompt], len(chain) - 1, stop=("\nQuestion:",),
+  cut = generation.generate(model, tok, [prompt], len(chain) - 1, stop=("\nQuestion:",),
                         details=True)[0]
-  assert cut == decode.Completion(tok.decode(chain[:-1]), len(chain) - 1, False)
-  assert decode.generate(model, tok, [prompt], budget, stop=("zz",), details=True)[0] == \
-      decode.Completion(tok.decode(looped), budget, False)
+  assert cut == generation.Completion(tok.decode(chain[:-1]), len(chain) - 1, False)
+  assert generation.generate(model, tok, [prompt], budget, stop=("zz",), details=True)[0] == \
+      generation.Completion(tok.decode(looped), budget, False)
 
 
 def test_details_count_eos_as_stopped(tmp_path):
   tok = hf_tiny.tokenizer("sp")
   chain = tok.encode("Lab 7.", add_special_tokens=False)
   model, _ = load_hf(rigged("sp", os.fspath(tmp_path / "eos"), chain, after=tok.eos_token_id))
-  assert decode.generate(model, tok, ["xyz"], 16, stop=("\n",), details=True) == \
-      [decode.Completion("Lab 7.", len(chain) + 1, True)]
-  assert decode.generate(model, tok, ["xyz"], 16, stop=("\n",)) == ["Lab 7."]
+  assert generation.generate(model, tok, ["xyz"], 16, stop=("\n",), details=True) == \
+      [generation.Completion("Lab 7.", len(chain) + 1, True)]
+  assert generation.generate(model, tok, ["xyz"], 16, stop=("\n",)) == ["Lab 7."]

@@ -1,4 +1,4 @@
-"""The inference layout: weights over `tensor` only, so the compiled decode program never
+"""The inference layout: weights over `tensor` only, so the engine's compiled decode program never
 all-gathers a weight, each device holds params / tensor, and greedy output is the same as
 under the training (FSDP) layout. Read from the compiled HLO: deterministic, no timings."""
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stt_jax import decode, sharding
-from stt_jax.models import load_hf
+from stt_jax import decode, engine, generation, sharding
+from stt_jax.models import decoder, load_hf
 from tests import hf_tiny
 
 
@@ -24,19 +24,20 @@ def _hlo_type(array_shape, dtype) -> str:
   return f"{jnp.dtype(dtype).name.replace('float', 'f')}[{','.join(map(str, array_shape))}]"
 
 
-def compiled_decode(model, mesh, batch=8, prompt=16, new=4) -> str:
-  """The compiled HLO of one decode call (prefill + while loop) on `mesh`."""
+def compiled_decode(model, mesh, slots=8, capacity=32, prefix=16, steps=4) -> str:
+  """The compiled HLO of the engine's decode program (steps decode steps of every slot, the
+  shared prefix read from its one copy) on `mesh`."""
   graphdef, state = nnx.split(model)
-  rows = sharding.named_sharding(mesh, ("batch", None), (batch, prompt))
-  ids = jax.device_put(jnp.ones((batch, prompt), jnp.int32), rows)
-  mask = jax.device_put(jnp.ones((batch, prompt), jnp.bool_), rows)
-  v = model.config.vocab_size
-  stop = decode.StopCriteria.build(v, eos_ids=(2,))
-  return decode._decode_batch.lower(  # pylint: disable=protected-access
-      graphdef, state, jnp.zeros((1, 0), jnp.int32), jnp.zeros((1, 0), jnp.bool_), ids, mask,
-      jax.random.PRNGKey(0), jnp.float32(1), jnp.float32(1), jnp.asarray(stop.token_mask),
-      jnp.asarray(stop.sequences), jnp.asarray(stop.table), max_new_tokens=new, greedy=True,
-      top_k=0).compile().as_text()
+  cfg = model.config
+  cache = decoder.SlotCache.zeros(cfg, slots, capacity, model.dtype, mesh)
+  shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, prefix, cfg.head_dim)
+  pre = decoder.PrefixCache(k=jnp.zeros(shape), v=jnp.zeros(shape), length=jnp.int32(prefix))
+  stop = decode.StopCriteria.build(cfg.vocab_size, eos_ids=(2,))
+  state_rows = engine.SlotState.idle(slots, stop.sequences.shape[1], stop.table.shape[0])
+  return engine._decode_program.lower(  # pylint: disable=protected-access
+      graphdef, state, cache, state_rows, pre, jnp.asarray(stop.token_mask),
+      jnp.asarray(stop.sequences), jnp.asarray(stop.table), jnp.float32(1), jnp.float32(1),
+      steps=steps, greedy=True, top_k=0).compile().as_text()
 
 
 def gathered_weights(model, hlo: str) -> set[str]:
@@ -86,7 +87,7 @@ def test_greedy_output_is_the_same_in_both_layouts(folder):
   out = {}
   for layout in ("train", "inference"):
     model, _ = load_hf(folder, mesh=mesh, layout=layout)
-    out[layout] = decode.generate(model, tok, prompts, max_new_tokens=12, stop=())
+    out[layout] = generation.generate(model, tok, prompts, max_new_tokens=12, stop=())
   assert out["train"] == out["inference"]
 
 

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from stt_jax import decode  # noqa: E402
+from stt_jax import generation  # noqa: E402
 from stt_jax.models import load_hf  # noqa: E402
 from stt_jax.models.fetch_demo import default_cache_dir, is_complete  # noqa: E402
 
@@ -69,13 +69,13 @@ def test_few_shot_translation_token_identical(models):
   sources = ["Janet has three apples and buys two more.", "Where is the nearest library?"]
   prompts = [f"{prefix}English: {s}\nChinese:" for s in sources]
   ids = [tok.encode(p) for p in prompts]
-  got = decode.generate_tokens(ours, ids, max_new_tokens=32, eos_ids=(), batch_size=2)
+  got = generation.generate_tokens(ours, ids, max_new_tokens=32, eos_ids=(), batch_size=2)
   for p, g in zip(ids, got):
     with torch.no_grad():
       ref = hf.generate(torch.tensor([p]), max_new_tokens=32, min_new_tokens=32,
                         do_sample=False, pad_token_id=tok.pad_token_id or 0)
     assert g == ref[0, len(p):].tolist()
-  texts = decode.generate(ours, tok, prompts, max_new_tokens=32, stop=("\n",))
+  texts = generation.generate(ours, tok, prompts, max_new_tokens=32, stop=("\n",))
   print("\n" + "\n".join(texts))
   assert all(t.strip() and "\n" not in t for t in texts)
   assert any("\u4e00" <= ch <= "\u9fff" for ch in "".join(texts)), texts

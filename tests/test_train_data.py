@@ -114,7 +114,7 @@ def test_a_token_across_the_boundary_belongs_to_the_target():
 @pytest.mark.parametrize("name", ["mgsm", "xquad", "xnli"])
 def test_generating_the_training_target_scores_full_marks(name, kind):
   """What training teaches is what eval extracts: the target tokens (after the joined text's
-  prompt tokens), decoded and trimmed as decode.generate_stream does, score 100% on each
+  prompt tokens), decoded and trimmed as generation.generate_stream does, score 100% on each
   tokenizer (sp: no leading '▁' space in a lone decode, '\\n' a byte piece, Thai and Chinese
   byte fallback)."""
   tok = hf_tiny.tokenizer(kind)

@@ -1,7 +1,7 @@
 """The self-translation stage: prompts, dedupe, resume after a crash, multi-host merge, and an
 end-to-end run on a tiny random model.
 
-Most tests replace `decode.generate_stream` with a fast fake "translator" that reverses every
+Most tests replace `generation.generate_stream` with a fast fake "translator" that reverses every
 word of the source (so SQuAD answers stay findable in the translated context) and records
 which sources it was asked to decode.
 """
@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from stt_jax import decode, run_config, translate, translate_quality
+from stt_jax import decode, generation, run_config, translate, translate_quality
 from stt_jax.models import load_hf
 from stt_jax.stages import translate as stage
 from stt_jax.tasks import get_task
@@ -38,7 +38,7 @@ def source_of(prompt: str) -> str:
 
 
 class FakeDecoder:
-  """Stands in for decode.generate_stream; `fail_after` batches raises (a crash)."""
+  """Stands in for generation.generate_stream; `fail_after` batches raises (a crash)."""
 
   def __init__(self, fail_after: int | None = None, batch: int = 4):
     self.sources: list[str] = []
@@ -53,7 +53,7 @@ class FakeDecoder:
       for i in range(k, min(k + self.batch, len(prompts))):
         self.sources.append(source_of(prompts[i]))
         text = " " + fake_translation(source_of(prompts[i]))
-        yield i, (decode.Completion(text, len(text.split()) + 1, True) if details else text)
+        yield i, (generation.Completion(text, len(text.split()) + 1, True) if details else text)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_split_and_join_fields():
 
 def test_dedupe_and_squad_alignment(tiny, tmp_path, monkeypatch):
   fake = FakeDecoder()
-  monkeypatch.setattr(translate.decode, "generate_stream", fake)
+  monkeypatch.setattr(translate.generation, "generate_stream", fake)
   cfg = small_config(limit=8)
   stats = stage.translate_task(*tiny, "squad", "de", cfg, tmp_path)
   rows = get_task("xquad").load("train", "en", limit=8)
@@ -179,7 +179,7 @@ def tf_segments(text, cfg):
 
 
 def test_codeswitched_rows(tiny, tmp_path, monkeypatch):
-  monkeypatch.setattr(translate.decode, "generate_stream", FakeDecoder())
+  monkeypatch.setattr(translate.generation, "generate_stream", FakeDecoder())
   cfg = small_config(limit=3)
   cfg.translate.filters.numbers_tasks = ()  # The fake reverses numbers too ('16' -> '61').
   stats = stage.translate_task(*tiny, "mgsm", "de", cfg, tmp_path)
@@ -199,7 +199,7 @@ def test_codeswitched_rows(tiny, tmp_path, monkeypatch):
 
 
 def test_squad_codeswitch_keeps_answer_with_its_context(tiny, tmp_path, monkeypatch):
-  monkeypatch.setattr(translate.decode, "generate_stream", FakeDecoder())
+  monkeypatch.setattr(translate.generation, "generate_stream", FakeDecoder())
   cfg = small_config(limit=2)
   stage.translate_task(*tiny, "xquad", "de", cfg, tmp_path)
   for line in read(tmp_path, "xquad_de.cs.jsonl").splitlines():
@@ -210,7 +210,7 @@ def test_squad_codeswitch_keeps_answer_with_its_context(tiny, tmp_path, monkeypa
 
 def test_filtered_examples_are_counted(tiny, tmp_path, monkeypatch):
   """Thai 'translations' in Latin script fail the script check; copies of short texts pass."""
-  monkeypatch.setattr(translate.decode, "generate_stream", FakeDecoder())
+  monkeypatch.setattr(translate.generation, "generate_stream", FakeDecoder())
   stats = stage.translate_task(*tiny, "xnli", "th", small_config(limit=5), tmp_path)
   assert stats["kept"] == 0 and stats["dropped"] == {"script": 5}
   assert stats["segments"]["rejected"]["script"] > 0
@@ -222,11 +222,11 @@ def test_filtered_examples_are_counted(tiny, tmp_path, monkeypatch):
 def test_resume_after_crash_and_torn_line(tiny, tmp_path, monkeypatch):
   cfg = small_config(limit=6)
   clean = FakeDecoder()
-  monkeypatch.setattr(translate.decode, "generate_stream", clean)
+  monkeypatch.setattr(translate.generation, "generate_stream", clean)
   stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "clean")
 
   crash = FakeDecoder(fail_after=2)
-  monkeypatch.setattr(translate.decode, "generate_stream", crash)
+  monkeypatch.setattr(translate.generation, "generate_stream", crash)
   with pytest.raises(RuntimeError, match="simulated crash"):
     stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "run")
   part = tmp_path / "run" / "translations" / "cache" / "xnli_de.part000.jsonl"
@@ -237,7 +237,7 @@ def test_resume_after_crash_and_torn_line(tiny, tmp_path, monkeypatch):
   assert not (tmp_path / "run" / "translations" / "xnli_de.train.jsonl").exists()
 
   resume = FakeDecoder()
-  monkeypatch.setattr(translate.decode, "generate_stream", resume)
+  monkeypatch.setattr(translate.generation, "generate_stream", resume)
   stats = stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "run")
   assert not set(resume.sources) & set(done)
   assert sorted(resume.sources + done) == sorted(clean.sources)
@@ -246,7 +246,7 @@ def test_resume_after_crash_and_torn_line(tiny, tmp_path, monkeypatch):
   assert all(json.loads(line) for line in part.read_text().splitlines())  # torn line gone
 
   again = FakeDecoder()
-  monkeypatch.setattr(translate.decode, "generate_stream", again)
+  monkeypatch.setattr(translate.generation, "generate_stream", again)
   stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "run")
   assert again.sources == []
 
@@ -254,12 +254,12 @@ def test_resume_after_crash_and_torn_line(tiny, tmp_path, monkeypatch):
 def test_multi_host_slices_and_merge(tiny, tmp_path, monkeypatch):
   cfg = small_config(limit=6)
   single = FakeDecoder()
-  monkeypatch.setattr(translate.decode, "generate_stream", single)
+  monkeypatch.setattr(translate.generation, "generate_stream", single)
   stage.translate_task(*tiny, "mgsm", "zh", cfg, tmp_path / "one")
   hosts = []
   for index in (1, 0):  # process 0 last: it merges and writes
     hosts.append(FakeDecoder())
-    monkeypatch.setattr(translate.decode, "generate_stream", hosts[-1])
+    monkeypatch.setattr(translate.generation, "generate_stream", hosts[-1])
     stats = stage.translate_task(*tiny, "mgsm", "zh", cfg, tmp_path / "two",
                                      process_index=index, process_count=2)
     written = (tmp_path / "two" / "translations" / "mgsm_zh.stats.json").exists()
@@ -292,7 +292,7 @@ def test_two_real_jax_processes(tiny, tmp_path, monkeypatch):
       from stt_jax.models import load_hf
       from tests import hf_tiny, test_translate as t
       fake = t.FakeDecoder()
-      translate.decode.generate_stream = fake
+      translate.generation.generate_stream = fake
       mesh = sharding.make_mesh(devices=jax.local_devices())  # each host decodes alone
       model, _ = load_hf({str(folder)!r}, mesh=mesh)
       stats = stage.translate_task(model, hf_tiny.byte_tokenizer(), "xnli", "de",
@@ -311,7 +311,7 @@ def test_two_real_jax_processes(tiny, tmp_path, monkeypatch):
     assert proc.returncode == 0, err.decode()[-3000:]
     results.append(json.loads(out.decode().split("RESULT ", 1)[1]))
   single = FakeDecoder()
-  monkeypatch.setattr(translate.decode, "generate_stream", single)
+  monkeypatch.setattr(translate.generation, "generate_stream", single)
   stats = stage.translate_task(*tiny, "xnli", "de", small_config(limit=6), tmp_path / "one")
   assert not set(results[0]["sources"]) & set(results[1]["sources"])
   assert sorted(results[0]["sources"] + results[1]["sources"]) == sorted(single.sources)
@@ -336,7 +336,7 @@ def test_kill_9_mid_run_then_resume(tiny, tmp_path, monkeypatch):
         for item in fake(*a, **k):
           time.sleep(0.05)
           yield item
-      translate.decode.generate_stream = slow
+      translate.generation.generate_stream = slow
       model, _ = load_hf({str(folder)!r})
       cfg = t.small_config(limit=30)
       stage.translate_task(model, hf_tiny.byte_tokenizer(), "xnli", "de", cfg,
@@ -360,11 +360,11 @@ def test_kill_9_mid_run_then_resume(tiny, tmp_path, monkeypatch):
 
   cfg = small_config(limit=30)
   resume = FakeDecoder()
-  monkeypatch.setattr(translate.decode, "generate_stream", resume)
+  monkeypatch.setattr(translate.generation, "generate_stream", resume)
   stats = stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "run")
   assert not set(resume.sources) & set(done)
   clean = FakeDecoder()
-  monkeypatch.setattr(translate.decode, "generate_stream", clean)
+  monkeypatch.setattr(translate.generation, "generate_stream", clean)
   stage.translate_task(*tiny, "xnli", "de", cfg, tmp_path / "clean")
   assert sorted(resume.sources + done) == sorted(clean.sources)
   assert stats["segments"]["cached"] == len(done)

@@ -51,6 +51,77 @@ class KVCache:
 
 
 KV_CACHE_AXES = (None, "batch", "act_kv_heads", "cache_length", None)
+PREFIX_AXES = (None, None, "act_kv_heads", None, None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotCache:
+  """The KV of continuous batching: one row ("slot") per sequence being decoded, each at its
+  own length, so a finished slot is refilled with a new prompt while the others go on.
+
+  k, v: [layers, slots, K, T, D]; lengths: [slots] int32, tokens stored in each slot
+  (entries [0, length) are its sequence; later entries are stale and masked). Positions
+  continue after the shared prefix (a `PrefixCache`), which is stored once, not per slot.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+
+  @classmethod
+  def zeros(cls, config: ModelConfig, slots: int, capacity: int, dtype=jnp.float32,
+            mesh: Mesh | None = None) -> SlotCache:
+    shape = (config.num_hidden_layers, slots, config.num_key_value_heads, capacity,
+             config.head_dim)
+    k = sharding.constrain(jnp.zeros(shape, dtype), mesh, KV_CACHE_AXES)
+    v = sharding.constrain(jnp.zeros(shape, dtype), mesh, KV_CACHE_AXES)
+    return cls(k=k, v=v, lengths=jnp.zeros((slots,), jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PrefixCache:
+  """KV of a few-shot prefix every prompt shares: k, v [layers, 1, K, C, D], right padded;
+  length: real prefix tokens (scalar int32; 0 = no prefix)."""
+
+  k: jax.Array
+  v: jax.Array
+  length: jax.Array
+
+
+@dataclasses.dataclass
+class SlotView:
+  """What one layer's `Attention.with_slots` needs: the full slot caches, which rows of them
+  the batch is (`rows` [B]; None = every slot, in order), where each new token is written
+  (`idx` [B, L], slot-local), the layer's prefix KV and the visibility mask [B, L, C + T]."""
+
+  k_all: jax.Array
+  v_all: jax.Array
+  layer: int
+  rows: jax.Array | None
+  idx: jax.Array
+  prefix_k: jax.Array
+  prefix_v: jax.Array
+  mask: jax.Array
+
+  def write(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scatters k, v [B, K, L, D] at (layer, row, :, idx); indices past the cache (a padded
+    chunk's tail, a filler row) are dropped."""
+    rows = jnp.arange(k.shape[0]) if self.rows is None else self.rows
+    at = (self.layer, rows[:, None], slice(None), self.idx, slice(None))
+    k_all = self.k_all.at[at].set(k.transpose(0, 2, 1, 3).astype(self.k_all.dtype), mode="drop")
+    v_all = self.v_all.at[at].set(v.transpose(0, 2, 1, 3).astype(self.v_all.dtype), mode="drop")
+    return k_all, v_all
+
+  def read(self, k_all: jax.Array, v_all: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if self.rows is None:
+      return k_all[self.layer], v_all[self.layer]
+    return (jnp.take(k_all[self.layer], self.rows, axis=0, mode="clip"),
+            jnp.take(v_all[self.layer], self.rows, axis=0, mode="clip"))
+
+  def prefix_kv(self) -> tuple[jax.Array, jax.Array]:
+    return self.prefix_k[self.layer, 0], self.prefix_v[self.layer, 0]
 
 
 def _linear(cfg_in: int, cfg_out: int, axes: tuple[str, str], bias: bool, dtype, param_dtype,
@@ -105,13 +176,8 @@ class Attention(nnx.Module):
     self.dtype = dtype
     self.mesh = mesh
 
-  def __call__(self, x, cos, sin, mask, cache=None):
-    """x: [B, L, E]; mask: [B, 1, L, S] bool.
-
-    cache: optional (k_all, v_all, layer, index) with k_all/v_all [layers, B, K, S, D]; the new
-    keys/values are written in place at slot `index` of `layer` and attention reads that
-    layer's whole cache. Returns (output, updated (k_all, v_all) or None).
-    """
+  def project(self, x, cos, sin):
+    """q [B, L, H, D], k and v [B, K, L, D]: the projections with RoPE applied."""
     b, l, _ = x.shape
     q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
@@ -121,7 +187,22 @@ class Attention(nnx.Module):
     k = sharding.constrain(apply_rope(k, cos, sin), self.mesh,
                            ("batch", "length", "act_kv_heads", None))
     v = sharding.constrain(v, self.mesh, ("batch", "length", "act_kv_heads", None))
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, L, D]
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+  def output(self, out):
+    """o_proj of the attention output [B, L, H * D]."""
+    out = sharding.constrain(out, self.mesh, ("batch", "length", "act_heads"))
+    return self.o_proj(out)
+
+  def __call__(self, x, cos, sin, mask, cache=None):
+    """x: [B, L, E]; mask: [B, 1, L, S] bool.
+
+    cache: optional (k_all, v_all, layer, index) with k_all/v_all [layers, B, K, S, D]; the new
+    keys/values are written in place at slot `index` of `layer` and attention reads that
+    layer's whole cache. Returns (output, updated (k_all, v_all) or None).
+    """
+    b, l, _ = x.shape
+    q, k, v = self.project(x, cos, sin)
     new_cache = None
     if cache is not None:
       k_all, v_all, layer, index = cache
@@ -137,8 +218,30 @@ class Attention(nnx.Module):
     scores = jnp.where(mask[:, :, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bkgls,bksd->blkgd", probs, v).reshape(b, l, self.num_heads * self.head_dim)
-    out = sharding.constrain(out, self.mesh, ("batch", "length", "act_heads"))
-    return self.o_proj(out), new_cache
+    return self.output(out), new_cache
+
+  def with_slots(self, x, cos, sin, view: SlotView):
+    """Continuous-batching attention: x [B, L, E] are each row's next tokens, appended to its
+    slot's cache at that slot's own length; queries read the shared prefix (stored once,
+    [1, K, C, D]) and their slot's cache. Returns (output, updated (k_all, v_all))."""
+    b, l, _ = x.shape
+    q, k, v = self.project(x, cos, sin)
+    k_all, v_all = view.write(k, v)
+    k_rows, v_rows = view.read(k_all, v_all)
+    groups = self.num_heads // self.num_kv_heads
+    q = q.reshape(b, l, self.num_kv_heads, groups, self.head_dim) * (self.head_dim ** -0.5)
+    pk, pv = view.prefix_kv()
+    s_pre = jnp.einsum("blkgd,ksd->bkgls", q, pk.astype(self.dtype),
+                       preferred_element_type=jnp.float32)
+    s_row = jnp.einsum("blkgd,bksd->bkgls", q, k_rows.astype(self.dtype),
+                       preferred_element_type=jnp.float32)
+    scores = jnp.concatenate([s_pre, s_row], axis=-1)
+    scores = jnp.where(view.mask[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    c = pk.shape[1]
+    out = (jnp.einsum("bkgls,ksd->blkgd", probs[..., :c], pv.astype(self.dtype)) +
+           jnp.einsum("bkgls,bksd->blkgd", probs[..., c:], v_rows.astype(self.dtype)))
+    return self.output(out.reshape(b, l, self.num_heads * self.head_dim)), (k_all, v_all)
 
 
 class MLP(nnx.Module):
@@ -174,7 +277,13 @@ class DecoderLayer(nnx.Module):
     self.mesh = mesh
 
   def __call__(self, x, cos, sin, mask, cache=None):
-    h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    return self._block(x, lambda h: self.self_attn(h, cos, sin, mask, cache))
+
+  def with_slots(self, x, cos, sin, view: SlotView):
+    return self._block(x, lambda h: self.self_attn.with_slots(h, cos, sin, view))
+
+  def _block(self, x, attend):
+    h, new_cache = attend(self.input_layernorm(x))
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return sharding.constrain(x, self.mesh, ("batch", "length", "act_embed")), new_cache
@@ -271,6 +380,57 @@ class CausalLM(nnx.Module):
     if last_only:
       hidden = hidden[:, -1:]
     return self.logits(self.model.norm(hidden)), new_cache
+
+  def forward_slots(self, input_ids: jax.Array, counts: jax.Array, cache: SlotCache,
+                    prefix: PrefixCache, rows: jax.Array | None = None,
+                    reset: jax.Array | None = None) -> tuple[jax.Array, SlotCache]:
+    """Appends each row's tokens to its own slot (continuous batching).
+
+    input_ids: [B, L], right padded, `counts` [B] real tokens per row (0: the row is a no-op);
+    rows: the slot of each row (None: row b is slot b, B = slots; a slot index >= slots is a
+    filler whose writes are dropped); reset [B]: the slot starts a new sequence (length 0)
+    first. Tokens sit at positions prefix.length + slot length + j and see the prefix and
+    their slot's earlier tokens. Returns the final-norm hidden state of each row's last real
+    token [B, 1, E] and the cache with the new lengths.
+    """
+    b, l = input_ids.shape
+    slots, t = cache.k.shape[1], cache.k.shape[3]
+    all_rows = jnp.arange(slots) if rows is None else rows
+    start = jnp.take(cache.lengths, all_rows, mode="clip")
+    if reset is not None:
+      start = jnp.where(reset, 0, start)
+    idx = start[:, None] + jnp.arange(l)[None, :]  # Slot-local index of each new token.
+    c = prefix.k.shape[3]
+    pos = prefix.length + idx
+    k_pos = jnp.concatenate([jnp.arange(c), prefix.length + jnp.arange(t)])
+    visible = jnp.concatenate([
+        jnp.broadcast_to(jnp.arange(c) < prefix.length, (b, l, c)),
+        jnp.arange(t)[None, None, :] <= idx[:, :, None]], axis=-1)
+    masks = {None: visible}
+    for w in set(self.config.sliding_windows or ()) - {None}:
+      masks[w] = visible & (k_pos[None, None, :] > pos[:, :, None] - w)
+    hidden = self._embed(input_ids)
+    cos, sin = rope_cos_sin(self.config.inv_freq(), pos, self.dtype)
+    ks, vs = cache.k, cache.v
+    for i, layer in enumerate(self.model.layers):
+      view = SlotView(ks, vs, i, rows, idx, prefix.k, prefix.v,
+                      masks[self.config.sliding_window(i)])
+      hidden, (ks, vs) = layer.with_slots(hidden, cos, sin, view)
+    last = jnp.take_along_axis(hidden, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
+    lengths = cache.lengths.at[all_rows].set(start + counts, mode="drop")
+    return self.model.norm(last), SlotCache(k=ks, v=vs, lengths=lengths)
+
+  def prefill_prefix(self, input_ids: jax.Array, length: jax.Array) -> PrefixCache:
+    """The KV of a shared prefix `input_ids` [1, C] (first `length` tokens real), computed and
+    stored once for every slot."""
+    c = input_ids.shape[1]
+    mask = jnp.arange(c)[None, :] < length
+    cache = KVCache.zeros(self.config, 1, c, self.dtype)
+    _, cache = self.forward_cached(input_ids, mask, jnp.arange(c)[None, :], cache,
+                                   last_only=True)
+    return PrefixCache(k=sharding.constrain(cache.k, self.mesh, PREFIX_AXES),
+                       v=sharding.constrain(cache.v, self.mesh, PREFIX_AXES),
+                       length=jnp.asarray(length, jnp.int32))
 
   # ------------------------------------------------------------------ pieces
 
