@@ -3,7 +3,8 @@
     python benchmarks/decode.py                       # ~100M random Llama + the 0.5B Qwen
     python benchmarks/decode.py --models llama100m --batches 1,8
 
-Prints tokens/s for both, the ratio, the machine's measured memory read bandwidth and batch-1
+Prints tokens/s for ours (the batch-synchronous Decoder and the continuous-batching Engine on
+the same fixed-length work) and torch, the ratio, the machine's measured memory read bandwidth and batch-1
 decode as a fraction of the bandwidth roofline (weight bytes per token / bandwidth). Writes
 JSON to benchmarks/results/decode_<platform>.json. Not a test: timings never gate CI.
 """
@@ -25,6 +26,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from stt_jax import decode  # noqa: E402
+from stt_jax.engine import Engine  # noqa: E402
 from stt_jax.models import load_hf  # noqa: E402
 from stt_jax.models.fetch_demo import default_cache_dir  # noqa: E402
 
@@ -64,6 +66,17 @@ def time_ours(model, prompts, batch: int, repeats: int) -> float:
   return batch * NEW / best
 
 
+def time_engine(model, prompts, batch: int, repeats: int) -> float:
+  """The continuous-batching engine on the same fixed-length work (batch slots, NEW tokens)."""
+  eng = Engine(model, slots=batch, steps_per_call=NEW)
+  crit = decode.StopCriteria.build(model.config.vocab_size)
+  run = lambda: list(eng.generate(prompts, NEW, crit))
+  out = run()
+  assert all(len(o) == NEW for _, o, _ in out)
+  best = min(_timed(run) for _ in range(repeats))
+  return batch * NEW / best
+
+
 def time_torch(model, prompts, repeats: int) -> float:
   ids = torch.tensor(prompts, dtype=torch.long)
   kw = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
@@ -87,6 +100,7 @@ def bench_model(name: str, folder: str, batches, repeats: int, bw: float) -> lis
     r = {"model": name, "batch": b, "prompt": PROMPT, "new": NEW,
          "params": config.num_params()}
     r["ours_f32_tok_s"] = time_ours(ours, prompts, b, repeats)
+    r["engine_f32_tok_s"] = time_engine(ours, prompts, b, repeats)
     r["torch_f32_tok_s"] = time_torch(hf32, prompts, repeats)
     r["torch_bf16_tok_s"] = time_torch(hf16, prompts, repeats)
     r["ratio_vs_torch_f32"] = r["ours_f32_tok_s"] / r["torch_f32_tok_s"]
@@ -101,7 +115,8 @@ def bench_model(name: str, folder: str, batches, repeats: int, bw: float) -> lis
 
 def _fmt(r: dict) -> str:
   roof = f"  roofline {r['fraction_of_roofline']:.0%}" if "fraction_of_roofline" in r else ""
-  return (f"{r['model']:>10} b={r['batch']:<3} ours f32 {r['ours_f32_tok_s']:8.1f} tok/s | torch "
+  return (f"{r['model']:>10} b={r['batch']:<3} ours f32 {r['ours_f32_tok_s']:8.1f} tok/s | engine "
+          f"{r['engine_f32_tok_s']:8.1f} | torch "
           f"f32 {r['torch_f32_tok_s']:8.1f} (x{r['ratio_vs_torch_f32']:.2f}) | torch bf16 "
           f"{r['torch_bf16_tok_s']:8.1f} (x{r['ratio_vs_torch_bf16']:.2f}){roof}")
 

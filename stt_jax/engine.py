@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from stt_jax import sharding
 from stt_jax.decode import (_PAD, MIN_SHARED_PREFIX, DecodeError, Sampling, StopCriteria,
-                            bucket_length, next_pow2)
+                            bucket_length)
 from stt_jax.models.decoder import PREFIX_AXES, CausalLM, PrefixCache, SlotCache
 
 
@@ -263,7 +263,8 @@ class Engine:
 
   def _prefix(self, tokens: list[int]) -> PrefixCache:
     cfg = self.model.config
-    self.prefix_len = max(self.prefix_len, bucket_length(len(tokens), 8) if tokens else 8)
+    # Multiples of 128 (8 without a prefix): the padded keys are masked but still read.
+    self.prefix_len = max(self.prefix_len, -(-len(tokens) // 128) * 128 if tokens else 8)
     c = self.prefix_len
     if not tokens:
       shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, c, cfg.head_dim)
