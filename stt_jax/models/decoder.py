@@ -335,7 +335,7 @@ class CausalLM(nnx.Module):
 
     def step(c, xs):
       p, i, w = xs
-      layer = nnx.merge(graphdef, p, rest)
+      layer = nnx.merge(graphdef, p, rest, copy=True)  # Fresh variables in this trace.
       lora.fold_in_layer(layer, i)  # Distinct adapter dropout per layer (no-op without LoRA).
       pick = (lambda ws: ws[keys[0]]) if stacked is None else (lambda ws: stacked[w])
       return body(c, layer, pick, i)

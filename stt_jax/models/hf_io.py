@@ -79,7 +79,7 @@ def our_to_hf_name(name: str) -> tuple[str, bool]:
   raise LoadError(f"parameter {name!r} has no entry in hf_io.NAME_TABLE")
 
 
-def _stacked(keys) -> bool:
+def is_stacked(keys) -> bool:
   """A stacked layer parameter's path: model.layers.<not an index>...."""
   keys = tuple(keys)
   return len(keys) > 2 and keys[:2] == ("model", "layers") and not isinstance(keys[2], int)
@@ -88,7 +88,7 @@ def _stacked(keys) -> bool:
 def hf_names(keys, layers: int) -> tuple[list[str], bool]:
   """Our parameter path -> ([HF name per row], transposed?): one name, or one per layer for
   a stacked parameter (row i = `model.layers.{i}.*`)."""
-  stacked = _stacked(keys)
+  stacked = is_stacked(keys)
   keys = tuple(str(k) for k in keys)
   if not stacked:
     hf, transpose = our_to_hf_name(".".join(keys))
@@ -246,7 +246,7 @@ def load_hf(path: str | os.PathLike, mesh: Mesh | None = None, dtype="float32",
     params = []  # (var, [HF name per row], stacked?, transpose)
     for keys, var in flat:
       names, transpose = hf_names(keys, config.num_hidden_layers)
-      params.append((var, names, _stacked(keys), transpose))
+      params.append((var, names, is_stacked(keys), transpose))
       wanted.update({n: transpose for n in names})
     missing = sorted(set(wanted) - available)
     if missing:
@@ -287,7 +287,7 @@ def hf_tensors(model: CausalLM, dtype=None) -> Iterator[tuple[str, safetensors_i
   state = nnx.state(model, nnx.Param)
   for keys, var in nnx.to_flat_state(state):
     value = var.get_value()
-    stacked = _stacked(keys)
+    stacked = is_stacked(keys)
     names, transpose = hf_names(keys, value.shape[0] if stacked else 0)
     out_dtype = np.dtype(dtype or value.dtype)
     row_shape = tuple(value.shape[1:] if stacked else value.shape)
