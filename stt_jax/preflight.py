@@ -162,7 +162,8 @@ def inference_plan(cfg, mesh=None) -> dict:
     return sharding.named_sharding(mesh, logical, shape, "inference").shard_shape(shape)
 
   config = ModelConfig.from_hf(cfg.model.path)
-  model = hf_io.abstract_model(config, cfg.model.dtype, cfg.model.param_dtype or None)
+  model = hf_io.abstract_model(config, cfg.model.dtype, cfg.model.param_dtype or None,
+                               scan_layers=cfg.model.scan_layers)
   weights = sum(math.prod(shard(v.get_value().shape, v.get_metadata()["logical_axes"]))
                 * v.get_value().dtype.itemsize
                 for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))

@@ -37,6 +37,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "vocab": ("tensor",),
     "norm": (),
+    # The leading dimension of scanned (stacked) layer parameters: never split, each device
+    # holds every layer's shard of the other dimensions.
+    "layers": (),
     # Activations.
     "batch": ("data", "fsdp"),
     "length": (),

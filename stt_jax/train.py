@@ -319,18 +319,30 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def scan_layers(config) -> bool:
+  """The run config's `model.scan_layers` (True when the config has no model section)."""
+  model = config.get("model") if hasattr(config, "get") else getattr(config, "model", None)
+  return bool(model.get("scan_layers", True)) if model is not None else True
+
+
+def model_settings(model: nnx.Module) -> dict:
+  """The model settings a checkpoint's tree depends on (saved in its meta)."""
+  return {"scan_layers": bool(getattr(model, "scan_layers", False))}
+
+
 def _prepare_model(model_or_path, t: ml_collections.ConfigDict, mesh: Mesh,
-                   layout: str = "train") -> nnx.Module:
+                   layout: str = "train", scan: bool = True) -> nnx.Module:
   """Loads (or copies) the model onto the mesh and adds LoRA adapters if configured.
 
   From a path, weights are read straight into their shards: with LoRA the frozen base is kept
-  in the compute dtype (no master copy is needed), with full training in param_dtype. A model
-  object is copied (the caller's is left untouched) and placed on the mesh as built.
+  in the compute dtype (no master copy is needed), with full training in param_dtype; `scan`
+  is model.scan_layers (stacked, scanned layers). A model object is copied (the caller's is
+  left untouched) and placed on the mesh as built, in its own layout.
   """
   if isinstance(model_or_path, (str, os.PathLike)):
     base_dtype = t.dtype if t.method == "lora" else t.param_dtype
     model, _ = hf_io.load_hf(model_or_path, mesh=mesh, dtype=t.dtype, param_dtype=base_dtype,
-                             layout=layout)
+                             layout=layout, scan_layers=scan)
   else:
     model = nnx.clone(model_or_path)
     for _, module in nnx.iter_modules(model):
@@ -398,6 +410,9 @@ class _Run:
   log: _MetricsLog
   flops_per_token: float | None
   peak_flops: float | None
+  # The model settings a checkpoint's layout depends on (saved in its meta, so restoring
+  # into the other layout names the one that changed): {"scan_layers": bool}.
+  model_settings: dict = dataclasses.field(default_factory=dict)
 
   @functools.cached_property
   def sizes(self) -> dict[str, int]:
@@ -447,8 +462,9 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
   workdir = os.path.abspath(os.fspath(workdir))
   mesh = mesh if mesh is not None else sharding.make_mesh()
   examples, data, total = _load_data(task, rows_by_source, tokenizer, t)
-  model = _prepare_model(model, t, mesh)
+  model = _prepare_model(model, t, mesh, scan=scan_layers(config))
   model.train()
+  settings = model_settings(model)
   model_config = getattr(model, "config", None)
   trainer = Trainer(model, t, mesh, total)
   del model  # The trainer holds what is needed; the initial values go once a state exists.
@@ -459,7 +475,8 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
       log=_MetricsLog(os.path.join(workdir, "train", "metrics.jsonl")),
       flops_per_token=(flops.flops_per_token(model_config, t.seq_len, t.method)
                        if model_config else None),
-      peak_flops=flops.peak_flops(jax.devices()[0].device_kind, t.peak_flops))
+      peak_flops=flops.peak_flops(jax.devices()[0].device_kind, t.peak_flops),
+      model_settings=settings)
   try:
     state, step = _restore_or_init(run)
     run.log.rewind(step)
@@ -489,7 +506,8 @@ def _load_data(task: str | Task, rows_by_source: Mapping[str, Sequence[dict]], t
 
 def _restore_or_init(run: _Run) -> tuple[TrainState, int]:
   """(state, step) of the newest readable checkpoint, data position included; else step 0."""
-  restored = run.trainer.restore(run.ckpts, settings={"train": run.settings})
+  restored = run.trainer.restore(run.ckpts, settings={"train": run.settings,
+                                                      "model": run.model_settings})
   if restored is None:
     return run.trainer.init_state(), 0
   step, state, meta = restored
@@ -571,7 +589,8 @@ def _log_row(run: _Run, step: int, metrics: Mapping[str, Any], window: _Window, 
 def _save(run: _Run, step: int, state: TrainState, preemption: _Preemption) -> bool:
   """Saves `step` when due (always the last one); after a preemption request saves it now
   and returns True, so the loop stops."""
-  meta = {"data": run.data.state, "step": step, "examples": run.sizes, "train": run.settings}
+  meta = {"data": run.data.state, "step": step, "examples": run.sizes, "train": run.settings,
+          "model": run.model_settings}
   if run.ckpts.save(step, state.as_dict(), meta, force=step == run.total):
     faults.point("train.save_started")
   if step < run.total and (preemption.requested or run.ckpts.reached_preemption(step)):
@@ -585,12 +604,15 @@ def _save(run: _Run, step: int, state: TrainState, preemption: _Preemption) -> b
 
 
 def weights_target(model: str | os.PathLike | nnx.Module, t: ml_collections.ConfigDict,
-                   mesh: Mesh, layout: str = "train") -> tuple[nnx.GraphDef, dict, dict]:
+                   mesh: Mesh, layout: str = "train", scan: bool = True
+                   ) -> tuple[nnx.GraphDef, dict, dict]:
   """(graphdef, restore target of the trainable weights, frozen values): the model exactly
   as `train` prepares and splits it. The trainable values it was built with are dropped (a
   checkpoint replaces them); the frozen ones are placed as the Trainer places them (layout
-  'train'), or over `tensor` only (layout 'inference', for decoding: sharding.LAYOUTS)."""
-  graphdef, params, frozen = split_trainable(_prepare_model(model, t, mesh, layout), t.method)
+  'train'), or over `tensor` only (layout 'inference', for decoding: sharding.LAYOUTS).
+  scan: model.scan_layers, for a model given by path."""
+  graphdef, params, frozen = split_trainable(_prepare_model(model, t, mesh, layout, scan),
+                                             t.method)
   frozen = jax.device_put(nnx.to_pure_dict(frozen), _shardings(frozen, mesh, layout))
   return graphdef, abstract_params(params, mesh, layout), frozen
 
@@ -611,11 +633,14 @@ def load_trained(model: str | os.PathLike | nnx.Module, workdir: str | os.PathLi
   """
   t = config.train
   mesh = mesh if mesh is not None else sharding.make_mesh()
-  graphdef, target, frozen = weights_target(model, t, mesh, layout)
+  scan = (scan_layers(config) if isinstance(model, (str, os.PathLike))
+          else bool(getattr(model, "scan_layers", False)))
+  graphdef, target, frozen = weights_target(model, t, mesh, layout, scan)
   ckpts = checkpoint.Checkpoints(os.path.join(os.fspath(workdir), "checkpoints"),
                                  read_only=True)
   try:
-    restored = ckpts.restore_params(target, step, settings={"train": t.to_dict()})
+    restored = ckpts.restore_params(target, step, settings={
+        "train": t.to_dict(), "model": {"scan_layers": scan}})
   finally:
     ckpts.close()
   if restored is None:

@@ -173,7 +173,7 @@ def test_checkpoint_from_8_devices_restores_on_4_and_1(folder, tmp_path):
     small = trainer_on(shape, n)
     step, restored, meta = small.restore(ckpts)
     assert step == 2 and meta["data"] == data.state
-    kernel = restored.params["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+    kernel = restored.params["model"]["layers"]["mlp"]["up_proj"]["kernel"]  # Stacked layers.
     assert len(kernel.sharding.device_set) == n
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
     _, metrics = small.step(restored, small.device_batch(batches[2]))

@@ -41,10 +41,15 @@ def compiled_decode(model, mesh, slots=8, capacity=32, prefix=16, steps=4) -> st
 
 
 def gathered_weights(model, hlo: str) -> set[str]:
-  """Weight shapes (as HLO types) that some all-gather in `hlo` produces in full."""
-  weights = {_hlo_type(v.get_value().shape, v.get_value().dtype)
-             for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-             if v.get_value().ndim >= 2}
+  """Weight shapes (as HLO types) that some all-gather in `hlo` produces in full. A stacked
+  layer parameter (scan_layers) counts per layer: the scan body gathers one layer's row."""
+  weights = set()
+  for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    shape = v.get_value().shape
+    if v.get_metadata().get("logical_axes", ())[:1] == ("layers",):
+      shape = shape[1:]
+    if len(shape) >= 2:
+      weights.add(_hlo_type(shape, v.get_value().dtype))
   produced = set(re.findall(r"= (\w+\[[\d,]*\])\{?[^ ]* all-gather\(", hlo))
   return weights & produced
 
@@ -54,12 +59,13 @@ def device_bytes(model, device) -> int:
              for s in v.get_value().addressable_shards if s.device == device)
 
 
+@pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("shape", [{"fsdp": 8}, {"fsdp": 4, "tensor": 2}])
-def test_decode_never_gathers_a_weight_in_the_inference_layout(folder, shape):
+def test_decode_never_gathers_a_weight_in_the_inference_layout(folder, shape, scan):
   mesh = sharding.make_mesh(shape)
-  train_model, _ = load_hf(folder, mesh=mesh)
+  train_model, _ = load_hf(folder, mesh=mesh, scan_layers=scan)
   assert gathered_weights(train_model, compiled_decode(train_model, mesh))  # The control.
-  model, _ = load_hf(folder, mesh=mesh, layout="inference")
+  model, _ = load_hf(folder, mesh=mesh, layout="inference", scan_layers=scan)
   assert gathered_weights(model, compiled_decode(model, mesh)) == set()
 
 

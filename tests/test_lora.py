@@ -36,8 +36,11 @@ def test_lora_starts_at_base_and_merges_exactly(folder):
   want = np.asarray(base(jnp.asarray(ids), jnp.asarray(mask)))
   model, _ = load_hf(folder)
   lora.apply_lora(model, rank=4, alpha=8.0, dropout=0.1, targets="q_proj,v_proj,down_proj")
-  adapted = [p for p, m in nnx.iter_modules(model) if isinstance(m, lora.LoRALinear)]
-  assert len(adapted) == 3 * 2  # Three projections in each of two layers.
+  adapted = [m for _, m in nnx.iter_modules(model) if isinstance(m, lora.LoRALinear)]
+  # Three projections, each stacked over the two layers (scanned layout).
+  assert len(adapted) == 3
+  assert all(m.lora_a.get_value().shape[0] == m.lora_b.get_value().shape[0] == 2
+             for m in adapted)
   model.train()  # Dropout on: still the base model while lora_b is zero.
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), want,
                              atol=1e-6, rtol=0)
@@ -74,14 +77,15 @@ def test_lora_params_are_sharded_and_alone_in_the_optimizer(folder):
   names = {".".join(str(k.key) for k in path)
            for path, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]}
   assert names and all(n.endswith(("lora_a", "lora_b")) for n in names)
-  assert len(names) == 2 * 7 * 2  # a, b x seven projections x two layers.
+  assert len(names) == 2 * 7  # a, b x seven projections, each stacked over the two layers.
+  assert all(x.shape[0] == 2 for x in jax.tree.leaves(state.params))
   adam = state.opt_state[1][0]
   assert jax.tree.structure(adam.mu) == jax.tree.structure(state.params)
-  q = state.params["model"]["layers"][0]["self_attn"]["q_proj"]
+  q = state.params["model"]["layers"]["self_attn"]["q_proj"]
   P = jax.sharding.PartitionSpec
-  assert q["lora_a"].sharding.spec == P("fsdp", None)
-  assert q["lora_b"].sharding.spec == P(None, "tensor")
-  assert adam.mu["model"]["layers"][0]["self_attn"]["q_proj"]["lora_b"].sharding == \
+  assert q["lora_a"].sharding.spec == P(None, "fsdp", None)  # [layers, embed, r]
+  assert q["lora_b"].sharding.spec == P(None, None, "tensor")  # [layers, r, heads]
+  assert adam.mu["model"]["layers"]["self_attn"]["q_proj"]["lora_b"].sharding == \
       q["lora_b"].sharding
 
 
@@ -94,11 +98,11 @@ def test_lora_training_changes_only_adapters_and_exports(folder, tmp_path):
   base, _ = load_hf(folder)
   trained = result.model
   np.testing.assert_array_equal(
-      np.asarray(trained.model.layers[0].self_attn.q_proj.base_module.kernel.get_value()),
-      np.asarray(base.model.layers[0].self_attn.q_proj.kernel.get_value()))
-  assert np.abs(np.asarray(
-      trained.model.layers[0].mlp.up_proj.lora_b.get_value())).max() > 0
-  assert trained.model.layers[0].mlp.up_proj.dropout.deterministic  # Returned in eval mode.
+      np.asarray(trained.model.layers.self_attn.q_proj.base_module.kernel.get_value()),
+      np.asarray(base.model.layers.self_attn.q_proj.kernel.get_value()))  # Every layer's.
+  lora_b = np.asarray(trained.model.layers.mlp.up_proj.lora_b.get_value())
+  assert all(np.abs(row).max() > 0 for row in lora_b)  # Each layer's adapter trained.
+  assert trained.model.layers.mlp.up_proj.dropout.deterministic  # Returned in eval mode.
   ids, mask = _ids()
   ours = np.asarray(trained(jnp.asarray(ids), jnp.asarray(mask)))
   out = save_hf(trained, base.config, tmp_path / "export")

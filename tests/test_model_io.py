@@ -52,7 +52,7 @@ def test_bf16_checkpoint_cast_on_load(tmp_path):
   np.testing.assert_allclose(got[mask.astype(bool)],
                              hf_tiny.hf_logits(folder, ids, mask)[mask.astype(bool)], atol=1e-4)
   bf16, _ = load_hf(folder, dtype="bfloat16")
-  assert bf16.model.layers[0].mlp.up_proj.kernel.get_value().dtype == jnp.bfloat16
+  assert bf16.model.layers.mlp.up_proj.kernel.get_value()[0].dtype == jnp.bfloat16  # Row 0.
   got16 = np.asarray(bf16(jnp.asarray(ids), jnp.asarray(mask)))
   assert got16.dtype == np.float32 and np.abs(got16 - got)[mask.astype(bool)].max() < 0.1
   # Saving bf16 params writes a bf16 checkpoint transformers reads.

@@ -34,14 +34,15 @@ def test_sharded_forward_equals_unsharded(folder, shape):
   state = nnx.state(model, nnx.Param)
   specs = {".".join(map(str, k)): v.get_value().sharding.spec
            for k, v in nnx.to_flat_state(state)}
-  q = specs["model.layers.0.self_attn.q_proj.kernel"]
+  q = specs["model.layers.self_attn.q_proj.kernel"]  # Stacked: [layers, embed, heads].
+  assert len(q) == 0 or q[0] is None, specs  # The layers dim is never split.
   if mesh.shape["tensor"] > 1:
-    assert q[1] == "tensor", specs
+    assert q[2] == "tensor", specs
   if mesh.shape["fsdp"] > 1:
-    assert q[0] == "fsdp", specs
+    assert q[1] == "fsdp", specs
     assert specs["model.embed_tokens.embedding"][1] == "fsdp"
   # Each device holds only its shard of the kernel.
-  kernel = model.model.layers[0].self_attn.q_proj.kernel.get_value()
+  kernel = model.model.layers.self_attn.q_proj.kernel.get_value()
   shard = kernel.addressable_shards[0].data.shape
   assert np.prod(shard) * mesh.shape["fsdp"] * mesh.shape["tensor"] == np.prod(kernel.shape)
 

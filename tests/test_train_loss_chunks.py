@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from stt_jax import loss as loss_lib
@@ -48,8 +49,12 @@ def test_chunked_loss_matches_full_logits(tmp_path):
       np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-6)
 
 
-def test_layer_remat_gives_the_same_loss_and_gradients(tmp_path):
-  model, _ = load_hf(hf_tiny.make_tiny("qwen2", str(tmp_path / "m")))
+# Scanned layers compile the remat'ed layer body apart from the plain one (a scan body is
+# one XLA computation), so activations differ by float32 ulps and gradients of ~1e-3 by
+# ~1e-7: atol 1e-6 there; the unrolled layers keep the original 1e-7.
+@pytest.mark.parametrize("scan,atol", [(False, 1e-7), (True, 1e-6)])
+def test_layer_remat_gives_the_same_loss_and_gradients(tmp_path, scan, atol):
+  model, _ = load_hf(hf_tiny.make_tiny("qwen2", str(tmp_path / "m")), scan_layers=scan)
   rng = np.random.default_rng(1)
   ids = jnp.asarray(rng.integers(3, hf_tiny.VOCAB, (2, 40)), jnp.int32)
   graphdef, state = nnx.split(model)
@@ -63,4 +68,4 @@ def test_layer_remat_gives_the_same_loss_and_gradients(tmp_path):
   remat, g_remat = jax.value_and_grad(lambda s: loss(s, True))(state)
   np.testing.assert_allclose(remat, plain, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g_plain)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol)

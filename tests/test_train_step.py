@@ -59,7 +59,7 @@ def _our_loss_and_grads(folder, batch, accum):
   loss, _, grads = fn(nnx.to_pure_dict(params), nnx.to_pure_dict(frozen), arrays,
                       jnp.zeros((2,), jnp.uint32))
   flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-  return float(loss), {".".join(str(k.key) for k in path): np.asarray(v) for path, v in flat}
+  return float(loss), {tuple(k.key for k in path): np.asarray(v) for path, v in flat}
 
 
 def test_loss_and_grads_match_torch(folder):
@@ -69,13 +69,17 @@ def test_loss_and_grads_match_torch(folder):
   for accum in (1, 2):  # Accumulating two micro-batches is the same as one batch.
     loss, grads = _our_loss_and_grads(folder, batch, accum)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
-    assert len(grads) == len(ref_grads)
-    for name, g in grads.items():
-      hf_name, transpose = hf_io.our_to_hf_name(name)
+    rows = {}  # HF name -> (our gradient, transposed?); row i of a stacked parameter.
+    for keys, g in grads.items():
+      names, transpose = hf_io.hf_names(keys, len(g))
+      rows.update((n, (r, transpose))
+                  for n, r in zip(names, g if hf_io.is_stacked(keys) else [g]))
+    assert len(rows) == len(ref_grads)
+    for hf_name, (g, transpose) in rows.items():
       want = ref_grads[hf_name].T if transpose else ref_grads[hf_name]
       rel = np.linalg.norm(g - want) / max(np.linalg.norm(want), 1e-12)
       worst = max(worst, rel)
-      assert rel < 1e-4, (name, rel)
+      assert rel < 1e-4, (hf_name, rel)
   print(f"torch parity: loss {ref_loss:.6f}, worst relative gradient error {worst:.2e}")
 
 
@@ -100,9 +104,9 @@ def test_sharded_step_equals_unsharded(folder):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.01 * config.train.lr,
                                                        rtol=0), p8, p1)
   # Parameters and their Adam moments are really split over fsdp x tensor.
-  q = s8.params["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
-  mu = s8.opt_state[1][0].mu["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
-  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  q = s8.params["model"]["layers"]["self_attn"]["q_proj"]["kernel"]  # Stacked layers.
+  mu = s8.opt_state[1][0].mu["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   assert mu.sharding == q.sharding
   assert q.addressable_shards[0].data.size * 4 == q.size
 
@@ -114,7 +118,7 @@ def test_tiny_model_overfits_in_bf16_with_fp32_master_weights(folder, tmp_path, 
   mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
   # A model object (not a path): training works on a copy and leaves it intact.
   model, _ = load_hf(folder, mesh=mesh, dtype="bfloat16", param_dtype="float32")
-  kernel = model.model.layers[0].mlp.up_proj.kernel.get_value()
+  kernel = model.model.layers.mlp.up_proj.kernel.get_value()  # Stacked: every layer's.
   before = np.asarray(kernel)
   result = train.train(model, ByteTokenizer(), TASK, {"en": math_rows(4)}, config,
                        tmp_path, mesh)

@@ -1,8 +1,12 @@
 """One NNX decoder for the Llama family: Llama 2/3/3.1, Mistral, Qwen2/2.5.
 
 Parameter names and the module tree mirror Hugging Face (`model.layers.N.self_attn.q_proj`),
-so loading is renames plus transposes (see hf_io.py). Every weight carries logical axis names
-(`logical_axes` metadata) that `stt_jax.sharding` resolves onto the mesh; activations are
+so loading is renames plus transposes (see hf_io.py). With `scan_layers` (the default) the
+layers are one `DecoderLayer` whose every parameter has a leading `layers` dimension
+(`model.layers.self_attn.q_proj.kernel`: [layers, in, out]) and the forward passes run it
+under `jax.lax.scan`, so XLA compiles one layer instead of num_hidden_layers copies; hf_io
+maps row i to the HF names `model.layers.{i}.*` at the load/save boundary. Every weight
+carries logical axis names (`logical_axes` metadata) that `stt_jax.sharding` resolves onto the mesh; activations are
 constrained the same way. Norms, softmax and logits are computed in float32.
 """
 
@@ -18,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from stt_jax import sharding
+from stt_jax.models import lora
 from stt_jax.models.config import ModelConfig
 
 _NEG = -1e30  # Finite "minus infinity": a fully masked row gives uniform weights, not NaN.
@@ -292,22 +297,49 @@ class DecoderLayer(nnx.Module):
 class DecoderModel(nnx.Module):
   """The HF `model.` subtree: embeddings, layers, final norm."""
 
-  def __init__(self, config: ModelConfig, *, dtype, param_dtype, mesh, rngs):
+  def __init__(self, config: ModelConfig, *, dtype, param_dtype, mesh, rngs,
+               scan_layers: bool = True):
     self.embed_tokens = nnx.Embed(
         config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
         embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
         embedding_metadata={"logical_axes": ("vocab", "embed")})
-    self.layers = nnx.List([
-        DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rngs=rngs)
-        for _ in range(config.num_hidden_layers)])
+    args = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    if scan_layers:
+      self.layers = stacked_layers(config, config.num_hidden_layers, rngs=rngs, **args)
+    else:
+      self.layers = nnx.List([DecoderLayer(config, rngs=rngs, **args)
+                              for _ in range(config.num_hidden_layers)])
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
 
 
+def stacked_layers(config: ModelConfig, n: int, *, rngs: nnx.Rngs, **args) -> DecoderLayer:
+  """One DecoderLayer holding `n` layers: every parameter gets a leading dimension of size n,
+  named "layers" in its logical axes (never sharded: sharding rules map it to ())."""
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return DecoderLayer(config, rngs=rngs, **args)
+
+  layer = make(rngs)
+  for _, node in nnx.iter_graph(layer):
+    if isinstance(node, nnx.Param):
+      axes = node.get_metadata().get("logical_axes")
+      if axes is not None:
+        node.set_metadata(logical_axes=("layers", *axes))
+  return layer
+
+
 class CausalLM(nnx.Module):
-  """Decoder + LM head. `model(input_ids, attention_mask)` -> float32 logits [B, L, V]."""
+  """Decoder + LM head. `model(input_ids, attention_mask)` -> float32 logits [B, L, V].
+
+  scan_layers: stacked layer parameters run under `lax.scan` (default; see the module
+  docstring), else a python list of layers unrolled into the graph.
+  """
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               mesh: Mesh | None = None, rngs: nnx.Rngs | None = None):
+               mesh: Mesh | None = None, rngs: nnx.Rngs | None = None,
+               scan_layers: bool = True):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.config = config
     self.dtype = jnp.dtype(dtype)
@@ -315,8 +347,9 @@ class CausalLM(nnx.Module):
     # memory ~ one layer's activations + the layer inputs); set by the trainer.
     self.remat = False
     self.mesh = mesh
+    self.scan_layers = bool(scan_layers)
     self.model = DecoderModel(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                              rngs=rngs)
+                              rngs=rngs, scan_layers=self.scan_layers)
     if not config.tie_word_embeddings:
       self.lm_head = _linear(config.hidden_size, config.vocab_size, ("embed", "vocab"), False,
                              dtype, param_dtype, rngs)
@@ -351,6 +384,11 @@ class CausalLM(nnx.Module):
     hidden = self._embed(input_ids)
     windows = self._window_masks(mask[:, None], idx, idx)
     cos, sin = rope_cos_sin(self.config.inv_freq(), positions, self.dtype)
+    if self.scan_layers:
+      def body(h, layer, mask, i, _):
+        return layer(h, cos, sin, mask, None)[0], None
+      hidden, _ = self._scan(body, hidden, windows, remat=self.remat)
+      return self.model.norm(hidden)
     call = nnx.remat(_layer_call) if self.remat else _layer_call
     for i, layer in enumerate(self.model.layers):
       hidden = call(layer, hidden, cos, sin, windows[self.config.sliding_window(i)])
@@ -373,9 +411,21 @@ class CausalLM(nnx.Module):
     hidden = self._embed(input_ids)
     cos, sin = rope_cos_sin(self.config.inv_freq(), positions, self.dtype)
     ks, vs = cache.k, cache.v
-    for i, layer in enumerate(self.model.layers):
-      hidden, (ks, vs) = layer(hidden, cos, sin, windows[self.config.sliding_window(i)],
-                               (ks, vs, i, cache.index))
+    if self.scan_layers:
+      # The whole cache rides in the carry and each step writes its layer's slot in place
+      # (dynamic_update_slice at the traced layer index), as the unrolled loop does. Passing
+      # k[l], v[l] as scanned inputs and the updated slices as outputs measured the same
+      # (Qwen2.5-0.5B decode bucket on CPU: compile and decode time within noise), and the
+      # carry needs no per-layer copy of the slices.
+      def body(carry, layer, mask, i, _):
+        h, ks, vs = carry
+        h, (ks, vs) = layer(h, cos, sin, mask, (ks, vs, i, cache.index))
+        return (h, ks, vs), None
+      (hidden, ks, vs), _ = self._scan(body, (hidden, ks, vs), windows)
+    else:
+      for i, layer in enumerate(self.model.layers):
+        hidden, (ks, vs) = layer(hidden, cos, sin, windows[self.config.sliding_window(i)],
+                                 (ks, vs, i, cache.index))
     new_cache = KVCache(k=ks, v=vs, valid=valid, index=cache.index + l)
     if last_only:
       hidden = hidden[:, -1:]
@@ -433,6 +483,30 @@ class CausalLM(nnx.Module):
                        length=jnp.asarray(length, jnp.int32))
 
   # ------------------------------------------------------------------ pieces
+
+  def _scan(self, body, carry, windows: dict[Any, jax.Array], xs=None, remat: bool = False):
+    """Runs `body(carry, layer, mask, i, x) -> (carry, y)` over the stacked layers with
+    `lax.scan`; returns (carry, stacked ys). The parameters are scanned (row i = layer i),
+    as are `xs`; everything else of the layer (the LoRA dropout key) is shared. `mask` is
+    layer i's entry of `windows`: the distinct masks are stacked and indexed with a per-layer
+    window index (a scanned input)."""
+    n = self.config.num_hidden_layers
+    graphdef, params, rest = nnx.split(self.model.layers, nnx.Param, ...)
+    keys = list(windows)
+    window_idx = jnp.asarray([keys.index(self.config.sliding_window(i)) for i in range(n)],
+                             jnp.int32)
+    stacked = jnp.stack([windows[k] for k in keys]) if len(keys) > 1 else None
+
+    def step(c, inputs):
+      p, i, w, x = inputs
+      layer = nnx.merge(graphdef, p, rest, copy=True)  # Fresh variables in this trace.
+      lora.fold_in_layer(layer, i)  # Distinct adapter dropout per layer (no-op without LoRA).
+      mask = windows[keys[0]] if stacked is None else stacked[w]
+      return body(c, layer, mask, i, x)
+
+    if remat:  # The layer body is recomputed in the backward pass, as nnx.remat unrolled.
+      step = jax.checkpoint(step, prevent_cse=False)
+    return jax.lax.scan(step, carry, (params, jnp.arange(n, dtype=jnp.int32), window_idx, xs))
 
   def _embed(self, input_ids):
     hidden = self.model.embed_tokens(input_ids).astype(self.dtype)

@@ -6,11 +6,18 @@ nnx.Linear [in, out]). Loading is abstract-first and streamed: the model is buil
 `nnx.eval_shape`, each parameter's NamedSharding comes from its logical axes, and every device
 shard is read straight from the memory-mapped safetensors file, so the host never holds more
 than one tensor plus the shards it owns.
+
+A scanned model (`scan_layers=True`, the default) holds each layer parameter stacked
+(`model.layers.self_attn.q_proj.kernel`: [layers, in, out]); the HF names stay per layer.
+Loading reads row i of a device shard from `model.layers.{i}.*` (a shard's slice along the
+layer dimension selects which HF tensors it reads); saving writes each row back under its
+`model.layers.{i}.*` name. The name table itself is the same for both layouts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -72,6 +79,25 @@ def our_to_hf_name(name: str) -> tuple[str, bool]:
   raise LoadError(f"parameter {name!r} has no entry in hf_io.NAME_TABLE")
 
 
+def is_stacked(keys) -> bool:
+  """A stacked layer parameter's path: model.layers.<not an index>...."""
+  keys = tuple(keys)
+  return len(keys) > 2 and keys[:2] == ("model", "layers") and not isinstance(keys[2], int)
+
+
+def hf_names(keys, layers: int) -> tuple[list[str], bool]:
+  """Our parameter path -> ([HF name per row], transposed?): one name, or one per layer for
+  a stacked parameter (row i = `model.layers.{i}.*`)."""
+  stacked = is_stacked(keys)
+  keys = tuple(str(k) for k in keys)
+  if not stacked:
+    hf, transpose = our_to_hf_name(".".join(keys))
+    return [hf], transpose
+  rest = ".".join(keys[2:])
+  rows = [our_to_hf_name(f"model.layers.{i}.{rest}") for i in range(layers)]
+  return [hf for hf, _ in rows], rows[0][1]
+
+
 def hf_to_our_name(name: str) -> str | None:
   for regex, template, _ in _HF_TO_OURS:
     m = regex.match(name)
@@ -130,9 +156,36 @@ class _WeightFiles:
       raise LoadError(f"{f.path}: tensor {name!r} is listed in the index but absent from the file")
     return f, f.tensor(name)
 
+  def release(self, name: str) -> None:
+    self._file(self._names[name]).release(name)
+
   def close(self):
     for f in self._open.values():
       f.close()
+
+
+def _view(files: _WeightFiles, name: str, shape: tuple[int, ...], transpose: bool
+          ) -> tuple[safetensors_io.SafetensorsFile, np.ndarray]:
+  """(file, memory-mapped tensor `name` in our orientation), checked against `shape`."""
+  f, src = files.get(name)
+  expected = shape[::-1] if transpose else shape
+  if tuple(src.shape) != expected:
+    raise LoadError(f"{f.path}: tensor {name!r} has shape {tuple(src.shape)}, config "
+                    f"implies {expected}")
+  if not np.issubdtype(src.dtype, np.floating) and src.dtype != np.dtype(jnp.bfloat16):
+    raise LoadError(f"{f.path}: tensor {name!r} has non-float dtype {src.dtype}")
+  return f, (src.T if transpose else src)
+
+
+def _read_rows(views: list[np.ndarray], shape: tuple[int, ...], target, idx) -> np.ndarray:
+  """One device shard of a stacked parameter: rows `idx[0]` (one HF tensor each), each cut
+  to `idx[1:]`."""
+  rows = range(shape[0])[idx[0]]
+  out = np.empty((len(rows),) + tuple(len(range(d)[s]) for d, s in zip(shape[1:], idx[1:])),
+                 target)
+  for k, i in enumerate(rows):
+    out[k] = views[i][idx[1:]]
+  return out
 
 
 def check_weights(path: str | os.PathLike) -> None:
@@ -147,12 +200,12 @@ def check_weights(path: str | os.PathLike) -> None:
 
 
 def abstract_model(config: ModelConfig, dtype="float32", param_dtype=None,
-                   mesh: Mesh | None = None) -> CausalLM:
+                   mesh: Mesh | None = None, scan_layers: bool = True) -> CausalLM:
   """The model with ShapeDtypeStruct leaves: no memory allocated."""
   dtype = jnp.dtype(dtype)
   param_dtype = jnp.dtype(param_dtype or dtype)
   return nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, param_dtype=param_dtype,
-                                         mesh=mesh, rngs=nnx.Rngs(0)))
+                                         mesh=mesh, rngs=nnx.Rngs(0), scan_layers=scan_layers))
 
 
 def param_sharding(variable, shape, mesh: Mesh | None, layout: str = "train"):
@@ -167,12 +220,14 @@ def param_sharding(variable, shape, mesh: Mesh | None, layout: str = "train"):
 
 
 def load_hf(path: str | os.PathLike, mesh: Mesh | None = None, dtype="float32",
-            param_dtype=None, layout: str = "train") -> tuple[CausalLM, ModelConfig]:
+            param_dtype=None, layout: str = "train", scan_layers: bool = True
+            ) -> tuple[CausalLM, ModelConfig]:
   """Loads a local HF folder into a (sharded) CausalLM.
 
   dtype: compute dtype; param_dtype: storage dtype (default: dtype). Weights of any float dtype
   in the file are cast to param_dtype per shard, while reading. layout: 'train' (weights over
   fsdp + tensor) or 'inference' (over tensor only, for decoding and scoring; sharding.LAYOUTS).
+  scan_layers: stacked layers under lax.scan (default) or unrolled (decoder.CausalLM).
   """
   sharding.rules(layout)  # An unknown layout fails before any file is read.
   path = os.fspath(path)
@@ -181,17 +236,18 @@ def load_hf(path: str | os.PathLike, mesh: Mesh | None = None, dtype="float32",
                     "(run `python -m stt_jax.models.fetch_demo` for the demo model)")
   config = ModelConfig.from_hf(path)
   config = dataclasses.replace(config, source_dir=os.path.abspath(path))
-  model = abstract_model(config, dtype, param_dtype, mesh)
+  model = abstract_model(config, dtype, param_dtype, mesh, scan_layers)
   graphdef, state = nnx.split(model)
   flat = nnx.to_flat_state(state)
   files = _WeightFiles(path)
   try:
     available = set(files.names())
     wanted = {}
+    params = []  # (var, [HF name per row], stacked?, transpose)
     for keys, var in flat:
-      name = ".".join(str(k) for k in keys)
-      hf_name, transpose = our_to_hf_name(name)
-      wanted[hf_name] = (name, var, transpose)
+      names, transpose = hf_names(keys, config.num_hidden_layers)
+      params.append((var, names, is_stacked(keys), transpose))
+      wanted.update({n: transpose for n in names})
     missing = sorted(set(wanted) - available)
     if missing:
       raise LoadError(f"{path}: missing {len(missing)} tensor(s) for {config.architecture}: "
@@ -203,22 +259,19 @@ def load_hf(path: str | os.PathLike, mesh: Mesh | None = None, dtype="float32",
       raise LoadError(f"{path}: unexpected tensor(s) {', '.join(unexpected[:5])}"
                       f"{' ...' if len(unexpected) > 5 else ''}; the config.json does not "
                       "describe these weights")
-    for hf_name, (name, var, transpose) in wanted.items():
+    for var, names, stacked, transpose in params:
       shape = tuple(var.get_value().shape)
       target = var.get_value().dtype
-      f, src = files.get(hf_name)
-      expected = shape[::-1] if transpose else shape
-      if tuple(src.shape) != expected:
-        raise LoadError(f"{f.path}: tensor {hf_name!r} has shape {tuple(src.shape)}, config "
-                        f"implies {expected}")
-      if not np.issubdtype(src.dtype, np.floating) and src.dtype != np.dtype(jnp.bfloat16):
-        raise LoadError(f"{f.path}: tensor {hf_name!r} has non-float dtype {src.dtype}")
-      view = src.T if transpose else src
-      array = jax.make_array_from_callback(
-          shape, param_sharding(var, shape, mesh, layout),
-          lambda idx, view=view, target=target: np.array(view[idx], dtype=target))
-      var.set_value(array)
-      f.release(hf_name)
+      if not stacked:
+        f, view = _view(files, names[0], shape, transpose)
+        read = lambda idx, view=view, target=target: np.array(view[idx], dtype=target)
+      else:  # Stacked: a shard's slice of the layer dim says which HF tensors it reads.
+        views = [_view(files, n, shape[1:], transpose)[1] for n in names]
+        read = functools.partial(_read_rows, views, shape, target)
+      var.set_value(jax.make_array_from_callback(
+          shape, param_sharding(var, shape, mesh, layout), read))
+      for n in names:
+        files.release(n)
   finally:
     files.close()
   model = nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -229,20 +282,24 @@ def load_hf(path: str | os.PathLike, mesh: Mesh | None = None, dtype="float32",
 
 
 def hf_tensors(model: CausalLM, dtype=None) -> Iterator[tuple[str, safetensors_io.LazyTensor]]:
-  """(HF name, lazily fetched numpy tensor) for every parameter, in model order."""
+  """(HF name, lazily fetched numpy tensor) for every parameter, in model order; a stacked
+  layer parameter gives one tensor per layer (`model.layers.{i}.*`, row i)."""
   state = nnx.state(model, nnx.Param)
   for keys, var in nnx.to_flat_state(state):
-    name = ".".join(str(k) for k in keys)
-    hf_name, transpose = our_to_hf_name(name)
     value = var.get_value()
+    stacked = is_stacked(keys)
+    names, transpose = hf_names(keys, value.shape[0] if stacked else 0)
     out_dtype = np.dtype(dtype or value.dtype)
-    shape = tuple(value.shape)[::-1] if transpose else tuple(value.shape)
+    row_shape = tuple(value.shape[1:] if stacked else value.shape)
+    shape = row_shape[::-1] if transpose else row_shape
+    for i, hf_name in enumerate(names):
 
-    def fetch(value=value, transpose=transpose, out_dtype=out_dtype):
-      host = _to_host(value)
-      return np.ascontiguousarray((host.T if transpose else host).astype(out_dtype))
+      def fetch(value=value, i=i if stacked else None, transpose=transpose,
+                out_dtype=out_dtype):
+        host = _to_host(value if i is None else value[i])
+        return np.ascontiguousarray((host.T if transpose else host).astype(out_dtype))
 
-    yield hf_name, safetensors_io.LazyTensor(shape, out_dtype, fetch)
+      yield hf_name, safetensors_io.LazyTensor(shape, out_dtype, fetch)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

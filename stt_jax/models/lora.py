@@ -7,6 +7,12 @@
 They carry logical axes derived from the base kernel's (`lora_a`: (in, None), `lora_b`:
 (None, out)), so they shard like the weights they adapt. `merge` folds the adapters back into
 plain Linears (in float32, then cast), which is what `save_hf` exports.
+
+On a scanned model (`CausalLM(scan_layers=True)`) each targeted Linear is stacked (kernel
+[layers, in, out]), and so are its adapters: lora_a [layers, in, r], lora_b [layers, r, out],
+logical axes ("layers", ...). Adapter dropout keys are fold_in(fold_in(key, layer), projection)
+in both layouts: an unrolled adapter knows its layer, a stacked one gets it from the scan
+(`fold_in_layer`), so both layouts draw the same masks.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class DropoutKey(nnx.Variable):
   """The step's dropout key (raw uint32 key data), one Variable shared by every adapter.
 
-  The train step writes it once per micro-batch; each adapter folds in its own index, so
-  dropout masks are a pure function of (seed, step, micro-batch, adapter) and resume exactly.
+  The train step writes it once per micro-batch; each adapter folds in its layer and its
+  projection's index, so dropout masks are a pure function of (seed, step, micro-batch, layer,
+  projection) and resume exactly.
   """
 
 
@@ -35,25 +42,62 @@ class LoRALinear(nnx.LoRA):
   """A frozen `nnx.Linear` (`base_module`) plus a scaled low-rank update."""
 
   def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, dropout: float,
-               index: int, key: DropoutKey, param_dtype, rngs: nnx.Rngs):
-    in_axis, out_axis = base.kernel.get_metadata().get("logical_axes", (None, None))
+               index: int, layer: int | None, key: DropoutKey, param_dtype, rngs: nnx.Rngs):
+    """index: the projection's position in TARGETS; layer: its layer (None for a stacked
+    Linear, whose layer the scan supplies through the dropout key: `fold_in_layer`)."""
+    kernel_axes = tuple(base.kernel.get_metadata().get("logical_axes", (None, None)))
+    lead = ()
+    a_init, b_init = nnx.initializers.he_uniform(), nnx.initializers.zeros_init()
+    if kernel_axes[:1] == ("layers",):  # Stacked: one adapter per layer along dim 0.
+      lead, n = ("layers",), base.kernel.get_value().shape[0]
+      a_init = _stacked_init(a_init, n)
+      b_init = _stacked_init(b_init, n)
+    in_axis, out_axis = kernel_axes[-2:]
     super().__init__(
         base.in_features, rank, base.out_features, base_module=base, dtype=base.dtype,
-        param_dtype=param_dtype, rngs=rngs,
-        a_metadata={"logical_axes": (in_axis, None)},
-        b_metadata={"logical_axes": (None, out_axis)})
+        param_dtype=param_dtype, rngs=rngs, a_initializer=a_init, b_initializer=b_init,
+        a_metadata={"logical_axes": (*lead, in_axis, None)},
+        b_metadata={"logical_axes": (*lead, None, out_axis)})
     self.scale = float(alpha) / rank
     self.dropout = nnx.Dropout(dropout, deterministic=True)  # `model.train()` enables it.
     self.index = index
+    self.layer = layer
     self.dropout_key = key
 
   def __call__(self, x: jax.Array, **kwargs) -> jax.Array:
     y = self.base_module(x, **kwargs)
     h = x
     if self.dropout.rate > 0 and not self.dropout.deterministic:
-      h = self.dropout(x, rngs=jax.random.fold_in(self.dropout_key[...], self.index))
+      key = self.dropout_key[...]
+      if self.layer is not None:
+        key = jax.random.fold_in(key, self.layer)
+      h = self.dropout(x, rngs=jax.random.fold_in(key, self.index))
     h, a, b = dtypes.promote_dtype((h, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
     return y + (h @ a @ b) * jnp.asarray(self.scale, h.dtype)
+
+
+def _stacked_init(init, n: int):
+  """`init` of a [in, out] matrix -> n independent draws stacked to [n, in, out]."""
+  def stacked(key, shape, dtype=jnp.float32):
+    return jax.vmap(lambda k: init(k, shape, dtype))(jax.random.split(key, n))
+  return stacked
+
+
+def fold_in_layer(module: nnx.Module, layer: jax.Array) -> None:
+  """Inside the layer scan: folds the (traced) layer index into the dropout key the adapters
+  of `module` (one layer, just merged from the stacked state) share. No-op without adapters."""
+  for _, m in nnx.iter_modules(module):
+    if isinstance(m, LoRALinear):
+      m.dropout_key.set_value(jax.random.fold_in(m.dropout_key[...], layer))
+      return
+
+
+def _layer_of(path) -> int | None:
+  """The layer index of a module path `model.layers.<i>...` (None when stacked / elsewhere)."""
+  path = tuple(path)
+  if len(path) > 2 and path[:2] == ("model", "layers") and isinstance(path[2], int):
+    return path[2]
+  return None
 
 
 def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
@@ -69,13 +113,14 @@ def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
   return targets
 
 
-def _slots(model: nnx.Module, names: Iterable[str], kind: type):
-  """(parent module, attribute) of every `kind` submodule stored under one of `names`."""
+def _slots(model: nnx.Module, names: Iterable[str], kind: type, with_path: bool = False):
+  """(parent module, attribute) of every `kind` submodule stored under one of `names`
+  (plus the parent's path with `with_path`)."""
   names = tuple(names)
-  for _, module in nnx.iter_modules(model):
+  for path, module in nnx.iter_modules(model):
     for name in names:
       if isinstance(getattr(module, name, None), kind):
-        yield module, name
+        yield (module, name, path) if with_path else (module, name)
 
 
 def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float = 0.0,
@@ -94,12 +139,13 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float = 0
     raise ValueError("model already has LoRA adapters")
   rngs = nnx.Rngs(params=seed)
   key = DropoutKey(jax.random.key_data(jax.random.key(seed)))
-  slots = list(_slots(model, parse_targets(targets), nnx.Linear))
+  slots = list(_slots(model, parse_targets(targets), nnx.Linear, with_path=True))
   if not slots:
     raise ValueError(f"no Linear named {', '.join(parse_targets(targets))} in the model")
-  for index, (parent, name) in enumerate(slots):
+  for parent, name, path in slots:
     base = getattr(parent, name)
-    wrapped = LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout, index=index, key=key,
+    wrapped = LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout,
+                         index=TARGETS.index(name), layer=_layer_of(path), key=key,
                          param_dtype=param_dtype, rngs=rngs)
     kernel_sharding = getattr(base.kernel.get_value(), "sharding", None)
     if isinstance(kernel_sharding, jax.sharding.NamedSharding):
@@ -109,11 +155,15 @@ def apply_lora(model: nnx.Module, *, rank: int, alpha: float, dropout: float = 0
 
 
 def _place_like(layer: LoRALinear, kernel_sharding: jax.sharding.NamedSharding) -> None:
-  """Puts lora_a/lora_b on the kernel's mesh, split along its input / output axes."""
-  spec = tuple(kernel_sharding.spec) + (None,) * (2 - len(kernel_sharding.spec))
+  """Puts lora_a/lora_b on the kernel's mesh, split along its input / output axes (and like
+  its leading layers axis when stacked)."""
+  ndim = layer.base_module.kernel.get_value().ndim
+  spec = tuple(kernel_sharding.spec) + (None,) * (ndim - len(kernel_sharding.spec))
   mesh = kernel_sharding.mesh
   P = jax.sharding.PartitionSpec
-  for var, part in ((layer.lora_a, P(spec[0], None)), (layer.lora_b, P(None, spec[1]))):
+  lead = spec[:-2]
+  for var, part in ((layer.lora_a, P(*lead, spec[-2], None)),
+                    (layer.lora_b, P(*lead, None, spec[-1]))):
     sharded = jax.sharding.NamedSharding(mesh, part)
     var.set_value(jax.device_put(np.asarray(var.get_value()), sharded))
 
