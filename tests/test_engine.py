@@ -33,6 +33,9 @@ def test_refilled_slots_equal_transformers_and_the_static_decoder(kind, tmp_path
   got = run(eng, prompts)
   assert eng.stats.decode_calls > NEW // 3 + 1  # Slots were refilled between calls.
   assert [got[i][0] for i in range(len(prompts))] == hf_greedy(folder, prompts, NEW)
+  unrolled, _ = load_hf(folder, scan_layers=False)  # Scanned layers (the default) == unrolled.
+  assert run(engine.Engine(unrolled, slots=4, steps_per_call=3, prefill_chunk=16,
+                           refill_rows=2), prompts) == got
   static = decode.Decoder(model, batch_size=4)
   crit = decode.StopCriteria.build(model.config.vocab_size, ())
   assert {i: ids for i, ids in static.generate_ids(prompts, NEW, crit)} == {

@@ -462,10 +462,18 @@ class CausalLM(nnx.Module):
     hidden = self._embed(input_ids)
     cos, sin = rope_cos_sin(self.config.inv_freq(), pos, self.dtype)
     ks, vs = cache.k, cache.v
-    for i, layer in enumerate(self.model.layers):
-      view = SlotView(ks, vs, i, rows, idx, prefix.k, prefix.v,
-                      masks[self.config.sliding_window(i)])
-      hidden, (ks, vs) = layer.with_slots(hidden, cos, sin, view)
+    if self.scan_layers:  # The caches ride in the carry, as in forward_cached.
+      def body(carry, layer, mask, i, _):
+        h, ks, vs = carry
+        h, (ks, vs) = layer.with_slots(h, cos, sin,
+                                       SlotView(ks, vs, i, rows, idx, prefix.k, prefix.v, mask))
+        return (h, ks, vs), None
+      (hidden, ks, vs), _ = self._scan(body, (hidden, ks, vs), masks)
+    else:
+      for i, layer in enumerate(self.model.layers):
+        view = SlotView(ks, vs, i, rows, idx, prefix.k, prefix.v,
+                        masks[self.config.sliding_window(i)])
+        hidden, (ks, vs) = layer.with_slots(hidden, cos, sin, view)
     last = jnp.take_along_axis(hidden, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
     lengths = cache.lengths.at[all_rows].set(start + counts, mode="drop")
     return self.model.norm(last), SlotCache(k=ks, v=vs, lengths=lengths)
