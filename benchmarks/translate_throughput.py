@@ -115,8 +115,8 @@ def old_engine(model, tok, prompts, budgets, slots, crit):
   return out, steps * slots, len(dec.compiled)
 
 
-def new_engine(model, tok, prompts, budgets, slots, crit, steps_per_call):
-  eng = Engine(model, slots=slots, steps_per_call=steps_per_call)
+def new_engine(model, tok, prompts, budgets, slots, crit, steps_per_call, prefill_chunk):
+  eng = Engine(model, slots=slots, steps_per_call=steps_per_call, prefill_chunk=prefill_chunk)
   ids = [tok.encode(p) for p in prompts]
   out = {i: o for i, o, _ in eng.generate(ids, budgets, crit)}
   return out, eng.stats.device_steps * eng.slots, len(eng.compiled), eng
@@ -146,6 +146,7 @@ def main():
   parser.add_argument("--gsm8k", type=int, default=20, help="GSM8K questions")
   parser.add_argument("--slots", type=int, default=16)
   parser.add_argument("--steps_per_call", type=int, default=16)
+  parser.add_argument("--prefill_chunk", type=int, default=64)
   parser.add_argument("--skip_hf", action="store_true")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
@@ -173,7 +174,7 @@ def main():
     runs["old engine"] = (out, capacity, programs, m)
     with Meter() as m:
       out, capacity, programs, eng = new_engine(model, tok, prompts, budgets, args.slots, crit,
-                                                args.steps_per_call)
+                                                args.steps_per_call, args.prefill_chunk)
     runs["continuous"] = (out, capacity, programs, m)
     if hf is not None:
       with Meter() as m:
@@ -218,7 +219,8 @@ def main():
                                  f"translate_throughput_{jax.devices()[0].platform}.json")
   with open(out, "w") as f:
     json.dump({"jax": jax.__version__, "slots": args.slots,
-               "steps_per_call": args.steps_per_call, "rows": results}, f, indent=1)
+               "steps_per_call": args.steps_per_call, "prefill_chunk": args.prefill_chunk,
+               "rows": results}, f, indent=1)
   print(f"wrote {out}")
 
 

@@ -181,6 +181,13 @@ def _select(logits: jax.Array, key: jax.Array, temperature, top_p, *, greedy: bo
   """Next token from float32 logits [B, V]."""
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = sampling_logits(logits, temperature, top_p, top_k)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def sampling_logits(logits: jax.Array, temperature, top_p, top_k: int) -> jax.Array:
+  """float32 logits [B, V] scaled by 1 / temperature, with tokens outside the top-k (0 = off)
+  and outside the top-p nucleus set to -inf."""
   logits = logits / temperature
   if top_k > 0:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -191,8 +198,20 @@ def _select(logits: jax.Array, key: jax.Array, temperature, top_p, *, greedy: bo
   cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)
   cutoff = jnp.take_along_axis(sorted_logits, jnp.minimum(cutoff_idx, logits.shape[-1] - 1),
                                axis=-1)
-  logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def stop_step(tok, recent, matched, stop_mask, stop_seqs, stop_table):
+  """After emitting `tok` [B]: (recent tokens [B, width], automaton states [B, stops],
+  whether the row stops: an EOS/stop token, a stop sequence, or a completed stop string)."""
+  recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
+  seq_hit = jnp.all((recent[:, None, :] == stop_seqs[None]) | (stop_seqs[None] == _PAD), -1)
+  seq_hit &= jnp.any(stop_seqs != _PAD, axis=-1)[None]
+  # Stop-string automata: one table lookup per (row, stop string); -1 = the string is done.
+  which = jnp.arange(stop_table.shape[0])[None, :]
+  nxt_state = stop_table[which, matched, tok[:, None]].astype(jnp.int32)
+  stop = stop_mask[tok] | jnp.any(seq_hit, axis=-1) | jnp.any(nxt_state < 0, axis=-1)
+  return recent, jnp.maximum(nxt_state, 0), stop
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k"))
@@ -228,7 +247,6 @@ def _decode_batch(graphdef, state, prefix, prefix_mask, ids, mask, key, temperat
   first = select(logits[:, -1], jax.random.fold_in(key, 0))
   width = stop_seqs.shape[1]
   n_stops, n_states = stop_table.shape[:2]
-  which = jnp.arange(n_stops)[None, :]
 
   def cond(carry):
     step, _, _, _, done, _, _, _, _ = carry
@@ -237,13 +255,7 @@ def _decode_batch(graphdef, state, prefix, prefix_mask, ids, mask, key, temperat
   def body(carry):
     step, tok, cache, out, done, lengths, pos, recent, matched = carry
     out = out.at[:, step].set(jnp.where(done, _PAD, tok))
-    recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
-    seq_hit = jnp.all((recent[:, None, :] == stop_seqs[None]) | (stop_seqs[None] == _PAD), -1)
-    seq_hit &= jnp.any(stop_seqs != _PAD, axis=-1)[None]
-    # Stop-string automata: one table lookup per (row, stop string); -1 = the string is done.
-    nxt_state = stop_table[which, matched, tok[:, None]].astype(jnp.int32)
-    matched = jnp.maximum(nxt_state, 0)
-    stop = stop_mask[tok] | jnp.any(seq_hit, axis=-1) | jnp.any(nxt_state < 0, axis=-1)
+    recent, matched, stop = stop_step(tok, recent, matched, stop_mask, stop_seqs, stop_table)
     lengths = jnp.where(done, lengths, step + 1)
     done = done | stop
     logits, cache = model.forward_cached(tok[:, None], jnp.ones((b, 1), jnp.bool_),

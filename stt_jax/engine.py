@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from stt_jax import sharding
 from stt_jax.decode import (_PAD, MIN_SHARED_PREFIX, DecodeError, Sampling, StopCriteria,
-                            bucket_length)
+                            bucket_length, sampling_logits, stop_step)
 from stt_jax.models.decoder import PREFIX_AXES, CausalLM, PrefixCache, SlotCache
 
 
@@ -84,16 +84,7 @@ def _pick(logits, keys, count, temperature, top_p, *, greedy: bool, top_k: int):
   count[b]) (the token's index in its own sequence)."""
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-  cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-  cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)  # The best token always stays.
-  cutoff = jnp.take_along_axis(sorted_logits, jnp.minimum(cutoff_idx, logits.shape[-1] - 1),
-                               axis=-1)
-  logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  logits = sampling_logits(logits, temperature, top_p, top_k)
   row_keys = jax.vmap(jax.random.fold_in)(keys, count)
   return jax.vmap(jax.random.categorical)(row_keys, logits).astype(jnp.int32)
 
@@ -139,7 +130,6 @@ def _decode_program(graphdef, state, cache, slots, prefix, stop_mask, stop_seqs,
   where a slot made no token, finished [S]: the slot's sequence ended in this call)."""
   model: CausalLM = nnx.merge(graphdef, state)
   n = slots.tok.shape[0]
-  which = jnp.arange(stop_table.shape[0])[None, :]
   ones = jnp.ones((n,), jnp.int32)
 
   def cond(carry):
@@ -150,11 +140,8 @@ def _decode_program(graphdef, state, cache, slots, prefix, stop_mask, stop_seqs,
     step, cache, s, out, finished = carry
     tok, active = s.tok, s.active
     out = out.at[:, step].set(jnp.where(active, tok, _PAD))
-    recent = jnp.concatenate([s.recent[:, 1:], tok[:, None]], axis=1)
-    seq_hit = jnp.all((recent[:, None, :] == stop_seqs[None]) | (stop_seqs[None] == _PAD), -1)
-    seq_hit &= jnp.any(stop_seqs != _PAD, axis=-1)[None]
-    nxt_state = stop_table[which, s.matched, tok[:, None]].astype(jnp.int32)
-    stop = stop_mask[tok] | jnp.any(seq_hit, axis=-1) | jnp.any(nxt_state < 0, axis=-1)
+    recent, matched, stop = stop_step(tok, s.recent, s.matched, stop_mask, stop_seqs,
+                                      stop_table)
     count = s.count + active
     ends = active & (stop | (count >= s.budget))
     still = active & ~ends
@@ -164,7 +151,7 @@ def _decode_program(graphdef, state, cache, slots, prefix, stop_mask, stop_seqs,
     s = SlotState(tok=jnp.where(still, nxt, tok), active=still, count=count, budget=s.budget,
                   stopped=jnp.where(ends, stop, s.stopped),
                   recent=jnp.where(active[:, None], recent, s.recent),
-                  matched=jnp.where(active[:, None], jnp.maximum(nxt_state, 0), s.matched),
+                  matched=jnp.where(active[:, None], matched, s.matched),
                   key=s.key)
     return step + 1, cache, s, out, finished | ends
 

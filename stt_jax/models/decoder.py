@@ -47,15 +47,20 @@ class KVCache:
   @classmethod
   def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32,
             mesh: Mesh | None = None) -> KVCache:
-    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len,
-             config.head_dim)
-    k = sharding.constrain(jnp.zeros(shape, dtype), mesh, KV_CACHE_AXES)
-    v = sharding.constrain(jnp.zeros(shape, dtype), mesh, KV_CACHE_AXES)
+    k, v = kv_zeros(config, batch, max_len, dtype, mesh)
     valid = sharding.constrain(jnp.zeros((batch, max_len), jnp.bool_), mesh, ("batch", None))
     return cls(k=k, v=v, valid=valid, index=jnp.zeros((), jnp.int32))
 
 
 KV_CACHE_AXES = (None, "batch", "act_kv_heads", "cache_length", None)
+
+
+def kv_zeros(config: ModelConfig, rows: int, length: int, dtype=jnp.float32,
+             mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+  """Zero keys and values [layers, rows, kv_heads, length, head_dim], sharded as a cache."""
+  shape = (config.num_hidden_layers, rows, config.num_key_value_heads, length, config.head_dim)
+  return (sharding.constrain(jnp.zeros(shape, dtype), mesh, KV_CACHE_AXES),
+          sharding.constrain(jnp.zeros(shape, dtype), mesh, KV_CACHE_AXES))
 PREFIX_AXES = (None, None, "act_kv_heads", None, None)
 
 
@@ -77,10 +82,7 @@ class SlotCache:
   @classmethod
   def zeros(cls, config: ModelConfig, slots: int, capacity: int, dtype=jnp.float32,
             mesh: Mesh | None = None) -> SlotCache:
-    shape = (config.num_hidden_layers, slots, config.num_key_value_heads, capacity,
-             config.head_dim)
-    k = sharding.constrain(jnp.zeros(shape, dtype), mesh, KV_CACHE_AXES)
-    v = sharding.constrain(jnp.zeros(shape, dtype), mesh, KV_CACHE_AXES)
+    k, v = kv_zeros(config, slots, capacity, dtype, mesh)
     return cls(k=k, v=v, lengths=jnp.zeros((slots,), jnp.int32))
 
 
