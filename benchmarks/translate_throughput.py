@@ -148,11 +148,13 @@ def main():
   parser.add_argument("--steps_per_call", type=int, default=16)
   parser.add_argument("--prefill_chunk", type=int, default=64)
   parser.add_argument("--skip_hf", action="store_true")
+  parser.add_argument("--unrolled", action="store_true", help="model.scan_layers=False")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count() or 1)
   path = run_config.demo_model_path()
-  model, config = load_hf(path, dtype="float32", layout="inference")
+  model, config = load_hf(path, dtype="float32", layout="inference",
+                          scan_layers=not args.unrolled)
   tok = transformers.AutoTokenizer.from_pretrained(path)
   hf = None if args.skip_hf else transformers.AutoModelForCausalLM.from_pretrained(
       path, dtype=torch.float32).eval()
@@ -220,6 +222,7 @@ def main():
   with open(out, "w") as f:
     json.dump({"jax": jax.__version__, "slots": args.slots,
                "steps_per_call": args.steps_per_call, "prefill_chunk": args.prefill_chunk,
+               "scan_layers": not args.unrolled,
                "rows": results}, f, indent=1)
   print(f"wrote {out}")
 
