@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stt_jax import checkpoint, decode, sharding, train, train_data
+from stt_jax import checkpoint, generation, sharding, train, train_data
 from stt_jax.models import hf_io, load_hf, lora, save_hf
 from stt_jax.tasks import get_task
 from tests import hf_tiny
@@ -173,8 +173,8 @@ def test_greedy_tokens_equal(kind, folder, mixed_window):
   common = [int(t) for t in rng.integers(3, 256, 9)]  # Shared prefix path too.
   prompts = [common + [int(t) for t in rng.integers(3, 256, n)] for n in (3, 8, 1)]
   prompts.append([int(t) for t in rng.integers(3, 256, 6)])
-  got = decode.generate_tokens(scanned, prompts, max_new_tokens=12, eos_ids=[], batch_size=4)
-  want = decode.generate_tokens(unrolled, prompts, max_new_tokens=12, eos_ids=[],
+  got = generation.generate_tokens(scanned, prompts, max_new_tokens=12, eos_ids=[], batch_size=4)
+  want = generation.generate_tokens(unrolled, prompts, max_new_tokens=12, eos_ids=[],
                                 batch_size=4)
   assert got == want
   assert all(len(t) == 12 for t in got)
@@ -223,8 +223,8 @@ def test_sharded_scanned_equals_unsharded_unrolled(mixed_window, layout):
   real = mask.astype(bool)
   np.testing.assert_allclose(np.asarray(got)[real], want[real], atol=2e-5, rtol=0)
   prompts = [[int(t) for t in np.random.default_rng(8).integers(3, 256, n)] for n in (5, 11)]
-  assert (decode.generate_tokens(sharded, prompts, max_new_tokens=8, eos_ids=[], mesh=mesh)
-          == decode.generate_tokens(unrolled, prompts, max_new_tokens=8, eos_ids=[]))
+  assert (generation.generate_tokens(sharded, prompts, max_new_tokens=8, eos_ids=[], mesh=mesh)
+          == generation.generate_tokens(unrolled, prompts, max_new_tokens=8, eos_ids=[]))
 
 
 def test_checkpoint_of_other_layout_fails_naming_scan_layers(folder, tmp_path):
