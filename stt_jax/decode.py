@@ -275,6 +275,40 @@ def _decode_batch(graphdef, state, prefix, prefix_mask, ids, mask, key, temperat
   return out, lengths, done & ~filler
 
 
+def fit_context(prompt: Sequence[int], index: int, max_new_tokens: int, max_len: int,
+                truncate: str = "error") -> list[int]:
+  """Prompt `index` under the context-length policy: 'error' (default) or 'left' (keep its
+  last tokens) when it and its `max_new_tokens` exceed `max_len`."""
+  limit = max_len - max_new_tokens
+  if limit <= 0:
+    raise DecodeError(f"max_new_tokens={max_new_tokens} leaves no room in the model's context "
+                      f"of {max_len} tokens")
+  if len(prompt) > limit:
+    if truncate == "left":
+      return list(prompt[-limit:])
+    if truncate == "error":
+      raise DecodeError(
+          f"prompt {index} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it "
+          f"exceeds the model's context of {max_len}. Shorten it or pass truncate='left' to "
+          "keep its last tokens")
+    raise DecodeError(f"truncate={truncate!r}; use 'error' or 'left'")
+  return list(prompt)
+
+
+def shared_prefix_len(prompts: Sequence[Sequence[int]], minimum: int = MIN_SHARED_PREFIX) -> int:
+  """Tokens every prompt starts with (each keeps at least one of its own), if >= minimum."""
+  real = [p for p in prompts if p]
+  if len(real) < 2:
+    return 0
+  first, n = real[0], min(len(p) for p in real) - 1
+  for p in real[1:]:
+    k, limit = 0, min(n, len(p))
+    while k < limit and p[k] == first[k]:
+      k += 1
+    n = k
+  return n if n >= minimum else 0
+
+
 class Decoder:
   """Decodes token-id prompts with a model; keeps its compiled buckets across calls."""
 
@@ -294,42 +328,18 @@ class Decoder:
   def check_lengths(self, prompts: list[list[int]], max_new_tokens: int,
                     truncate: str = "error") -> list[list[int]]:
     """Applies the context-length policy: 'error' (default) or 'left' (keep the last tokens)."""
-    limit = self.max_len - max_new_tokens
-    if limit <= 0:
-      raise DecodeError(f"max_new_tokens={max_new_tokens} leaves no room in the model's "
-                        f"context of {self.max_len} tokens")
-    out = []
-    for i, p in enumerate(prompts):
-      if len(p) > limit:
-        if truncate == "left":
-          p = p[-limit:]
-        elif truncate == "error":
-          raise DecodeError(
-              f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-              f"the model's context of {self.max_len}. Shorten it or pass truncate='left' to "
-              "keep its last tokens")
-        else:
-          raise DecodeError(f"truncate={truncate!r}; use 'error' or 'left'")
-      out.append(list(p))
-    return out
+    return [fit_context(p, i, max_new_tokens, self.max_len, truncate)
+            for i, p in enumerate(prompts)]
 
   def shared_prefix_len(self, prompts: list[list[int]]) -> int:
     """Tokens every prompt starts with (each keeps at least one of its own), if worth sharing."""
-    real = [p for p in prompts if p]
-    if len(real) < 2 or not self.share_prefix:
+    if not self.share_prefix:
       return 0
     if any(self.model.config.sliding_windows or ()):
       # The padding between a left-padded prefix and the prompts would count as distance
       # inside a sliding window; the engine (no padding inside a sequence) has no such limit.
       return 0
-    first, n = real[0], min(len(p) for p in real) - 1
-    for p in real[1:]:
-      k = 0
-      limit = min(n, len(p))
-      while k < limit and p[k] == first[k]:
-        k += 1
-      n = k
-    return n if n >= MIN_SHARED_PREFIX else 0
+    return shared_prefix_len(prompts)
 
   def run_batch(self, prompts: list[list[int]], max_new_tokens: int, stop: StopCriteria,
                 sampling: Sampling, batch_index: int = 0) -> list[list[int]]:

@@ -32,8 +32,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from stt_jax import sharding
-from stt_jax.decode import (_PAD, MIN_SHARED_PREFIX, DecodeError, Sampling, StopCriteria,
-                            bucket_length, sampling_logits, stop_step)
+from stt_jax.decode import (_PAD, DecodeError, Sampling, StopCriteria, bucket_length,
+                            fit_context, sampling_logits, shared_prefix_len, stop_step)
 from stt_jax.models.decoder import PREFIX_AXES, CausalLM, PrefixCache, SlotCache
 
 
@@ -63,20 +63,6 @@ class SlotState:
                recent=jnp.full((slots, stop_width), _PAD, jnp.int32),
                matched=jnp.zeros((slots, n_stops), jnp.int32),
                key=jnp.zeros((slots, 2), jnp.uint32))
-
-
-def shared_prefix_len(prompts: Sequence[Sequence[int]], minimum: int = MIN_SHARED_PREFIX) -> int:
-  """Tokens every prompt starts with (each keeps at least one of its own), if >= minimum."""
-  real = [p for p in prompts if p]
-  if len(real) < 2:
-    return 0
-  first, n = real[0], min(len(p) for p in real) - 1
-  for p in real[1:]:
-    k, limit = 0, min(n, len(p))
-    while k < limit and p[k] == first[k]:
-      k += 1
-    n = k
-  return n if n >= minimum else 0
 
 
 def _pick(logits, keys, count, temperature, top_p, *, greedy: bool, top_k: int):
@@ -218,24 +204,8 @@ class Engine:
   def check_lengths(self, prompts: list[list[int]], budgets: list[int],
                     truncate: str = "error") -> list[list[int]]:
     """The context-length policy per row: 'error' (default) or 'left' (keep the last tokens)."""
-    out = []
-    for i, (p, b) in enumerate(zip(prompts, budgets)):
-      limit = self.max_len - b
-      if limit <= 0:
-        raise DecodeError(f"max_new_tokens={b} leaves no room in the model's context of "
-                          f"{self.max_len} tokens")
-      if len(p) > limit:
-        if truncate == "left":
-          p = p[-limit:]
-        elif truncate == "error":
-          raise DecodeError(
-              f"prompt {i} has {len(p)} tokens; with max_new_tokens={b} it exceeds the model's "
-              f"context of {self.max_len}. Shorten it or pass truncate='left' to keep its last "
-              "tokens")
-        else:
-          raise DecodeError(f"truncate={truncate!r}; use 'error' or 'left'")
-      out.append(list(p))
-    return out
+    return [fit_context(p, i, b, self.max_len, truncate)
+            for i, (p, b) in enumerate(zip(prompts, budgets))]
 
   def _note_compile(self, name: str, key: tuple) -> None:
     if (name, key) not in self.compiled:
