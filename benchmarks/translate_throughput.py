@@ -146,7 +146,7 @@ def main():
   parser.add_argument("--gsm8k", type=int, default=20, help="GSM8K questions")
   parser.add_argument("--slots", type=int, default=16)
   parser.add_argument("--steps_per_call", type=int, default=16)
-  parser.add_argument("--prefill_chunk", type=int, default=64)
+  parser.add_argument("--prefill_chunk", type=int, default=128)
   parser.add_argument("--skip_hf", action="store_true")
   parser.add_argument("--unrolled", action="store_true", help="model.scan_layers=False")
   parser.add_argument("--out", default=None)

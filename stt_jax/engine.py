@@ -4,11 +4,12 @@ its sequence ends, so no slot idles while a batch waits for its slowest row.
 Three compiled programs serve a whole stage (each keyed by shapes that stay put):
 - `_prefix_program`: the few-shot prefix every prompt shares, prefilled once and stored once
   ([layers, 1, K, C, D]), not repeated per slot.
-- `_prefill_program`: a chunk of `prefill_chunk` tokens of up to `refill_rows` new prompts,
-  written into their slots at each slot's own length (long prompts take several chunks);
-  on a prompt's last chunk it picks the first token and resets the slot's stop state.
-- `_decode_program`: `steps_per_call` decode steps of every slot, stopping early when every
-  slot is idle; returns the tokens made and which rows ended.
+- `_prefill_program`: `prefill_chunk` tokens of new prompts packed end to end (no padding
+  per prompt; a long prompt spans calls), each written into its slot; a prompt whose last
+  token is in the call gets its first token, and its slot's stop state is reset.
+- `_decode_program`: up to `steps_per_call` decode steps of every slot, ending early once
+  enough slots are idle for the waiting prompts to fill a prefill call; returns the tokens
+  made and which rows ended.
 
 The host loop in `Engine.generate` orders prompts longest first, refills free slots, runs the
 decode program and yields each finished sequence with its index, in any order. Every row has
@@ -83,27 +84,26 @@ def _prefix_program(graphdef, state, ids, length):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k"),
                    donate_argnames=("cache", "slots"))
-def _prefill_program(graphdef, state, cache, slots, prefix, rows, ids, counts, reset, final,
+def _prefill_program(graphdef, state, cache, slots, prefix, ids, slot, idx, at, final_slot,
                      budget, keys, start_state, temperature, top_p, *, greedy: bool,
                      top_k: int):
-  """Writes a chunk of new prompts into their slots; rows with `final` get their first token
-  and become active with `budget` and `keys`."""
+  """Writes a packed stream of prompt tokens into their slots (`CausalLM.forward_packed`);
+  each prompt whose last token is in the stream (token `at[r]`, slot `final_slot[r]`; a
+  filler has slot >= slots) gets its first token and becomes active with `budget`, `keys`."""
   model: CausalLM = nnx.merge(graphdef, state)
-  hidden, cache = model.forward_slots(ids, counts, cache, prefix, rows=rows, reset=reset)
+  hidden, cache = model.forward_packed(ids, slot, idx, cache, prefix, at)
   logits = model.logits(hidden)[:, 0]
-  first = _pick(logits, keys, jnp.zeros_like(counts), temperature, top_p, greedy=greedy,
+  first = _pick(logits, keys, jnp.zeros_like(at), temperature, top_p, greedy=greedy,
                 top_k=top_k)
-  n_slots = slots.tok.shape[0]
-  at = jnp.where(final, rows, n_slots)  # Rows that are not final write nowhere.
-  put = lambda a, v: a.at[at].set(v, mode="drop")
+  r = at.shape[0]
+  put = lambda a, v: a.at[final_slot].set(v, mode="drop")  # Fillers write nowhere.
   slots = SlotState(
       tok=put(slots.tok, first), active=put(slots.active, True),
       count=put(slots.count, 0), budget=put(slots.budget, budget),
       stopped=put(slots.stopped, False),
-      recent=put(slots.recent, jnp.full((ids.shape[0], slots.recent.shape[1]), _PAD,
-                                        jnp.int32)),
-      matched=put(slots.matched, jnp.full((ids.shape[0], slots.matched.shape[1]),
-                                          start_state, jnp.int32)),
+      recent=put(slots.recent, jnp.full((r, slots.recent.shape[1]), _PAD, jnp.int32)),
+      matched=put(slots.matched, jnp.full((r, slots.matched.shape[1]), start_state,
+                                          jnp.int32)),
       key=put(slots.key, keys))
   return cache, slots
 
@@ -111,8 +111,9 @@ def _prefill_program(graphdef, state, cache, slots, prefix, rows, ids, counts, r
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "greedy", "top_k"),
                    donate_argnames=("cache", "slots"))
 def _decode_program(graphdef, state, cache, slots, prefix, stop_mask, stop_seqs, stop_table,
-                    temperature, top_p, *, steps: int, greedy: bool, top_k: int):
-  """Up to `steps` decode steps of every slot. Returns (cache, slots, out [S, steps] with -1
+                    temperature, top_p, refill_at, *, steps: int, greedy: bool, top_k: int):
+  """Up to `steps` decode steps of every slot, ending early once `refill_at` slots are idle
+  (the host has prompts waiting for them). Returns (cache, slots, out [S, steps] with -1
   where a slot made no token, finished [S]: the slot's sequence ended in this call)."""
   model: CausalLM = nnx.merge(graphdef, state)
   n = slots.tok.shape[0]
@@ -120,7 +121,8 @@ def _decode_program(graphdef, state, cache, slots, prefix, stop_mask, stop_seqs,
 
   def cond(carry):
     step, _, slots, _, _ = carry
-    return (step < steps) & jnp.any(slots.active)
+    idle = jnp.sum(~slots.active)
+    return (step < steps) & (idle < jnp.minimum(refill_at, n))
 
   def body(carry):
     step, cache, s, out, finished = carry
@@ -173,24 +175,27 @@ class Engine:
   """Continuous-batching generation over a model; keeps its compiled programs across calls.
 
   slots: sequences decoded at once (rounded up to a multiple of the mesh's batch split);
-  steps_per_call: decode steps per device call (the host refills slots between calls);
-  prefill_chunk: prompt tokens per prefill call and row; refill_rows: prompts prefilled per
-  call (default slots // 4, at least the batch split).
+  steps_per_call: most decode steps per device call (the host refills slots between calls);
+  prefill_chunk: prompt tokens per prefill call, several prompts packed end to end (rounded
+  up to a multiple of the batch split); refill_rows: while prompts wait, a decode call ends
+  once enough slots are idle for the next prompts to fill a prefill call, but never waits
+  for more than `refill_rows` (default slots // 2).
   """
 
   def __init__(self, model: CausalLM, slots: int = 8, mesh=None, steps_per_call: int = 16,
-               prefill_chunk: int = 64, refill_rows: int | None = None,
+               prefill_chunk: int = 128, refill_rows: int | None = None,
                max_len: int | None = None, share_prefix: bool = True):
     self.model = model
     self.mesh = mesh if mesh is not None else model.mesh
     split = 1
     if self.mesh is not None:
       split = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    self.split = split
     self.slots = -(-slots // split) * split
-    self.refill_rows = refill_rows or max(split, -(-(self.slots // 4) // split) * split)
+    self.refill_rows = refill_rows or max(1, self.slots // 2)
     self.refill_rows = min(self.refill_rows, self.slots)
     self.steps_per_call = steps_per_call
-    self.prefill_chunk = prefill_chunk
+    self.prefill_chunk = -(-prefill_chunk // split) * split
     self.share_prefix = share_prefix
     self.max_len = max_len or model.config.max_position_embeddings
     self.graphdef, self.state = nnx.split(model)
@@ -280,19 +285,21 @@ class Engine:
     try:
       while queue or any(o >= 0 for o in owner):
         free = [s for s in range(self.slots) if owner[s] < 0]
+        group = []
         while free and queue:
-          group = []
-          while free and queue and len(group) < self.refill_rows:
-            group.append((free.pop(0), queue.pop()))
+          group.append((free.pop(0), queue.pop()))
+        if group:
           cache, slots = self._refill(group, suffixes, budgets, keys, n_states, cache, slots,
                                       prefix, temperature, top_p, mode, stats)
           for s, i in group:
             owner[s], made[s] = i, []
+        refill_at = self._refill_at([len(suffixes[i]) for i in queue[-self.slots:]])
         self._note_compile("decode", (self.slots, self.capacity, self.prefix_len,
                                       self.steps_per_call, stop.table.shape, *mode.values()))
         cache, slots, out, finished = _decode_program(
             self.graphdef, self.state, cache, slots, prefix, temperature=temperature,
-            top_p=top_p, steps=self.steps_per_call, **consts, **mode)
+            top_p=top_p, refill_at=jnp.int32(refill_at), steps=self.steps_per_call, **consts,
+            **mode)
         out, finished = np.asarray(out), np.asarray(finished)
         stopped = np.asarray(slots.stopped)
         stats.decode_calls += 1
@@ -317,32 +324,50 @@ class Engine:
     finally:
       bar.close()
 
+  def _refill_at(self, waiting: list[int]) -> int:
+    """How many idle slots end a decode call, given the suffix lengths of the next prompts
+    (popped from the end): enough to fill one prefill call, so prefill computes few filler
+    tokens, but at most `refill_rows`, so slots do not idle long. No prompts waiting: all."""
+    if not waiting:
+      return self.slots
+    tokens, m = 0, 0
+    for n in reversed(waiting):
+      tokens, m = tokens + n, m + 1
+      if tokens >= self.prefill_chunk:
+        break
+    return max(1, min(m, self.refill_rows))
+
   def _refill(self, group, suffixes, budgets, keys, n_states, cache, slots, prefix,
               temperature, top_p, mode, stats):
-    """Prefills the prompts of `group` [(slot, prompt index)] chunk by chunk into their slots."""
-    r, chunk = self.refill_rows, self.prefill_chunk
-    longest = max(len(suffixes[i]) for _, i in group)
-    for c in range(0, longest, chunk):
-      rows = np.full((r,), self.slots, np.int32)  # Fillers write nowhere.
-      ids = np.zeros((r, chunk), np.int32)
-      counts = np.zeros((r,), np.int32)
-      final = np.zeros((r,), np.bool_)
+    """Prefills the prompts of `group` [(slot, prompt index)] into their slots: their tokens
+    packed end to end in one stream per data-parallel shard, `prefill_chunk` tokens per call
+    in all (a long prompt continues in the next call)."""
+    b = self.split
+    l, r = self.prefill_chunk // b, self.slots
+    streams: list[list[tuple[int, int, int]]] = [[] for _ in range(b)]
+    for s, i in sorted(group, key=lambda g: -len(suffixes[g[1]])):  # Balance the shards.
+      row = min(streams, key=len)
+      row.extend((s, i, j) for j in range(len(suffixes[i])))
+    for c in range(0, max(map(len, streams)), l):
+      ids = np.zeros((b, l), np.int32)
+      slot = np.full((b, l), self.slots, np.int32)  # Fillers write nowhere.
+      idx = np.zeros((b, l), np.int32)
+      at = np.zeros((r,), np.int32)
+      final_slot = np.full((r,), self.slots, np.int32)
       budget = np.ones((r,), np.int32)
       row_keys = np.zeros((r, 2), np.uint32)
-      for j, (s, i) in enumerate(group):
-        part = suffixes[i][c:c + chunk]
-        if not part:
-          continue
-        rows[j], counts[j] = s, len(part)
-        ids[j, :len(part)] = part
-        final[j] = c + chunk >= len(suffixes[i])
-        budget[j], row_keys[j] = budgets[i], keys[i]
-      self._note_compile("prefill", (r, chunk, self.slots, self.capacity, self.prefix_len,
-                                     *mode.values()))
+      k = 0
+      for row, stream in enumerate(streams):
+        for t, (s, i, j) in enumerate(stream[c:c + l]):
+          ids[row, t], slot[row, t], idx[row, t] = suffixes[i][j], s, j
+          if j == len(suffixes[i]) - 1:  # The prompt's last token: its first output follows.
+            at[k], final_slot[k], budget[k], row_keys[k] = row * l + t, s, budgets[i], keys[i]
+            k += 1
+      self._note_compile("prefill", (b, l, r, self.capacity, self.prefix_len, *mode.values()))
+      put = lambda x: self._place(x, ("batch", None))
       cache, slots = _prefill_program(
-          self.graphdef, self.state, cache, slots, prefix, jnp.asarray(rows),
-          self._place(ids, ("batch", None)), jnp.asarray(counts), jnp.asarray(c == 0),
-          jnp.asarray(final), jnp.asarray(budget), jnp.asarray(row_keys),
+          self.graphdef, self.state, cache, slots, prefix, put(ids), put(slot), put(idx),
+          jnp.asarray(at), jnp.asarray(final_slot), jnp.asarray(budget), jnp.asarray(row_keys),
           jnp.int32(n_states - 1), temperature, top_p, **mode)
       stats.prefill_calls += 1
     return cache, slots

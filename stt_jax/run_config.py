@@ -135,7 +135,7 @@ def _translate() -> ml_collections.ConfigDict:
   # --- decoding (greedy, stop at the first newline)
   c.batch_size = 8                # engine slots: segments decoded at once (refilled as they end)
   c.steps_per_call = 16           # decode steps per device call; slots are refilled in between
-  c.prefill_chunk = 64            # prompt tokens per prefill call and row (longer: several calls)
+  c.prefill_chunk = 128           # prompt tokens per prefill call, prompts packed end to end
   c.max_new_tokens = 256          # cap on generated tokens per segment
   c.max_new_ratio = 4.0           # budget of each segment = min(cap, ratio * its source tokens
   c.max_new_slack = 16            # + slack); 0 ratio = always the cap.

@@ -37,7 +37,23 @@ def compiled_decode(model, mesh, slots=8, capacity=32, prefix=16, steps=4) -> st
   return engine._decode_program.lower(  # pylint: disable=protected-access
       graphdef, state, cache, state_rows, pre, jnp.asarray(stop.token_mask),
       jnp.asarray(stop.sequences), jnp.asarray(stop.table), jnp.float32(1), jnp.float32(1),
-      steps=steps, greedy=True, top_k=0).compile().as_text()
+      jnp.int32(slots), steps=steps, greedy=True, top_k=0).compile().as_text()
+
+
+def compiled_prefill(model, mesh, slots=8, capacity=32, prefix=16, tokens=16) -> str:
+  """The compiled HLO of the engine's packed prefill (`tokens` prompt tokens per shard)."""
+  graphdef, state = nnx.split(model)
+  cfg = model.config
+  cache = decoder.SlotCache.zeros(cfg, slots, capacity, model.dtype, mesh)
+  shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, prefix, cfg.head_dim)
+  pre = decoder.PrefixCache(k=jnp.zeros(shape), v=jnp.zeros(shape), length=jnp.int32(prefix))
+  split = mesh.shape["data"] * mesh.shape["fsdp"]
+  stream = jnp.zeros((split, tokens), jnp.int32)
+  rows = jnp.zeros((slots,), jnp.int32)
+  return engine._prefill_program.lower(  # pylint: disable=protected-access
+      graphdef, state, cache, engine.SlotState.idle(slots, 4, 1), pre, stream, stream, stream,
+      rows, rows, rows, jnp.zeros((slots, 2), jnp.uint32), jnp.int32(0), jnp.float32(1),
+      jnp.float32(1), greedy=True, top_k=0).compile().as_text()
 
 
 def gathered_weights(model, hlo: str) -> set[str]:
@@ -61,12 +77,13 @@ def device_bytes(model, device) -> int:
 
 @pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("shape", [{"fsdp": 8}, {"fsdp": 4, "tensor": 2}])
-def test_decode_never_gathers_a_weight_in_the_inference_layout(folder, shape, scan):
+def test_decode_and_prefill_never_gather_a_weight_in_the_inference_layout(folder, shape, scan):
   mesh = sharding.make_mesh(shape)
   train_model, _ = load_hf(folder, mesh=mesh, scan_layers=scan)
   assert gathered_weights(train_model, compiled_decode(train_model, mesh))  # The control.
   model, _ = load_hf(folder, mesh=mesh, layout="inference", scan_layers=scan)
   assert gathered_weights(model, compiled_decode(model, mesh)) == set()
+  assert gathered_weights(model, compiled_prefill(model, mesh)) == set()
 
 
 def test_each_device_holds_params_over_tensor(folder):

@@ -99,9 +99,12 @@ class PrefixCache:
 
 @dataclasses.dataclass
 class SlotView:
-  """What one layer's `Attention.with_slots` needs: the full slot caches, which rows of them
-  the batch is (`rows` [B]; None = every slot, in order), where each new token is written
-  (`idx` [B, L], slot-local), the layer's prefix KV and the visibility mask [B, L, C + T]."""
+  """What one layer's `Attention.with_slots` needs: the full slot caches; where each new
+  token [B, L] is written (`write_rows` [B, L] slots, None = row b is slot b; `idx` [B, L]
+  slot-local); which cache rows the batch reads (`rows` [B]; None = every slot, in order);
+  whether queries also read the new tokens' own keys (`self_keys`: a packed prefill, whose
+  prompts sit in different slots); the layer's prefix KV; and the visibility mask
+  [B, L, C + T (+ L with self_keys)]."""
 
   k_all: jax.Array
   v_all: jax.Array
@@ -111,12 +114,16 @@ class SlotView:
   prefix_k: jax.Array
   prefix_v: jax.Array
   mask: jax.Array
+  write_rows: jax.Array | None = None
+  self_keys: bool = False
 
   def write(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Scatters k, v [B, K, L, D] at (layer, row, :, idx); indices past the cache (a padded
-    chunk's tail, a filler row) are dropped."""
-    rows = jnp.arange(k.shape[0]) if self.rows is None else self.rows
-    at = (self.layer, rows[:, None], slice(None), self.idx, slice(None))
+    """Scatters k, v [B, K, L, D] at (layer, slot, :, idx); indices past the cache (a
+    filler token, slot >= slots) are dropped."""
+    rows = self.write_rows
+    if rows is None:
+      rows = (jnp.arange(k.shape[0]) if self.rows is None else self.rows)[:, None]
+    at = (self.layer, rows, slice(None), self.idx, slice(None))
     k_all = self.k_all.at[at].set(k.transpose(0, 2, 1, 3).astype(self.k_all.dtype), mode="drop")
     v_all = self.v_all.at[at].set(v.transpose(0, 2, 1, 3).astype(self.v_all.dtype), mode="drop")
     return k_all, v_all
@@ -238,16 +245,21 @@ class Attention(nnx.Module):
     groups = self.num_heads // self.num_kv_heads
     q = q.reshape(b, l, self.num_kv_heads, groups, self.head_dim) * (self.head_dim ** -0.5)
     pk, pv = view.prefix_kv()
-    s_pre = jnp.einsum("blkgd,ksd->bkgls", q, pk.astype(self.dtype),
-                       preferred_element_type=jnp.float32)
-    s_row = jnp.einsum("blkgd,bksd->bkgls", q, k_rows.astype(self.dtype),
-                       preferred_element_type=jnp.float32)
-    scores = jnp.concatenate([s_pre, s_row], axis=-1)
-    scores = jnp.where(view.mask[:, None, None], scores, _NEG)
+    per_row = [(k_rows, v_rows)]
+    if view.self_keys:  # As stored: rounded to the cache's dtype, as a later read sees them.
+      per_row.append((k.astype(k_all.dtype), v.astype(v_all.dtype)))
+    scores = [jnp.einsum("blkgd,ksd->bkgls", q, pk.astype(self.dtype),
+                         preferred_element_type=jnp.float32)]
+    scores += [jnp.einsum("blkgd,bksd->bkgls", q, kr.astype(self.dtype),
+                          preferred_element_type=jnp.float32) for kr, _ in per_row]
+    scores = jnp.where(view.mask[:, None, None], jnp.concatenate(scores, axis=-1), _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     c = pk.shape[1]
-    out = (jnp.einsum("bkgls,ksd->blkgd", probs[..., :c], pv.astype(self.dtype)) +
-           jnp.einsum("bkgls,bksd->blkgd", probs[..., c:], v_rows.astype(self.dtype)))
+    out = jnp.einsum("bkgls,ksd->blkgd", probs[..., :c], pv.astype(self.dtype))
+    for kr, vr in per_row:
+      t = kr.shape[2]
+      out = out + jnp.einsum("bkgls,bksd->blkgd", probs[..., c:c + t], vr.astype(self.dtype))
+      c += t
     return self.output(out.reshape(b, l, self.num_heads * self.head_dim)), (k_all, v_all)
 
 
@@ -434,51 +446,93 @@ class CausalLM(nnx.Module):
     return self.logits(self.model.norm(hidden)), new_cache
 
   def forward_slots(self, input_ids: jax.Array, counts: jax.Array, cache: SlotCache,
-                    prefix: PrefixCache, rows: jax.Array | None = None,
-                    reset: jax.Array | None = None) -> tuple[jax.Array, SlotCache]:
-    """Appends each row's tokens to its own slot (continuous batching).
-
-    input_ids: [B, L], right padded, `counts` [B] real tokens per row (0: the row is a no-op);
-    rows: the slot of each row (None: row b is slot b, B = slots; a slot index >= slots is a
-    filler whose writes are dropped); reset [B]: the slot starts a new sequence (length 0)
-    first. Tokens sit at positions prefix.length + slot length + j and see the prefix and
-    their slot's earlier tokens. Returns the final-norm hidden state of each row's last real
-    token [B, 1, E] and the cache with the new lengths.
+                    prefix: PrefixCache) -> tuple[jax.Array, SlotCache]:
+    """A decode step of every slot (continuous batching): row b of `input_ids` [slots, L] is
+    appended to slot b at that slot's own length; `counts` [slots] real tokens per row (0: the
+    slot is idle and keeps its length). Tokens sit at positions prefix.length + slot length + j
+    and see the prefix and their slot's earlier tokens. Returns the final-norm hidden state of
+    each row's last real token [slots, 1, E] and the cache with the new lengths.
     """
     b, l = input_ids.shape
-    slots, t = cache.k.shape[1], cache.k.shape[3]
-    all_rows = jnp.arange(slots) if rows is None else rows
-    start = jnp.take(cache.lengths, all_rows, mode="clip")
-    if reset is not None:
-      start = jnp.where(reset, 0, start)
-    idx = start[:, None] + jnp.arange(l)[None, :]  # Slot-local index of each new token.
-    c = prefix.k.shape[3]
-    pos = prefix.length + idx
-    k_pos = jnp.concatenate([jnp.arange(c), prefix.length + jnp.arange(t)])
+    t, c = cache.k.shape[3], prefix.k.shape[3]
+    idx = cache.lengths[:, None] + jnp.arange(l)[None, :]  # Slot-local index of each token.
     visible = jnp.concatenate([
         jnp.broadcast_to(jnp.arange(c) < prefix.length, (b, l, c)),
         jnp.arange(t)[None, None, :] <= idx[:, :, None]], axis=-1)
+    k_pos = jnp.concatenate([jnp.arange(c), prefix.length + jnp.arange(t)])[None]
+    hidden, ks, vs = self._through_slots(input_ids, None, prefix.length + idx, visible, k_pos,
+                                         cache, prefix, rows=None, idx=idx)
+    last = jnp.take_along_axis(hidden, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
+    return self.model.norm(last), SlotCache(k=ks, v=vs, lengths=cache.lengths + counts)
+
+  def forward_packed(self, input_ids: jax.Array, slot: jax.Array, idx: jax.Array,
+                     cache: SlotCache, prefix: PrefixCache, at: jax.Array
+                     ) -> tuple[jax.Array, SlotCache]:
+    """Prefill of new prompts packed end to end, so a call wastes no padding on short prompts.
+
+    input_ids, slot, idx: [B, L] streams of tokens (one per data-parallel shard), each
+    token's slot (>= slots: a filler that writes nowhere) and slot-local index (0 starts a
+    new sequence in that slot; a prompt may continue from the row's previous call). Every
+    token's keys/values are written before any is read, so a token sees its own prompt's
+    earlier tokens of this call. at: [R] tokens (flat indices into B x L) whose hidden states
+    to return: prompts' last tokens, whose next token is the first generated. Returns the
+    final-norm hidden states [R, 1, E] and the cache with each written slot's new length.
+    """
+    b, l = input_ids.shape
+    n_slots, t = cache.k.shape[1], cache.k.shape[3]
+    c = prefix.k.shape[3]
+    # Each prompt has its own slot, so a slot names a prompt. Only a row's first prompt can
+    # have tokens from an earlier call: it reads its slot's cache row (this call's tokens
+    # included, once written); the others read only this call's keys.
+    carry = idx[:, 0] > 0
+    in_carry = carry[:, None] & (slot == slot[:, :1])
+    same = slot[:, :, None] == slot[:, None, :]
+    causal = idx[:, None, :] <= idx[:, :, None]
+    visible = jnp.concatenate([
+        jnp.broadcast_to(jnp.arange(c) < prefix.length, (b, l, c)),
+        in_carry[:, :, None] & (jnp.arange(t)[None, None, :] <= idx[:, :, None]),
+        ~in_carry[:, :, None] & same & causal], axis=-1)
+    pos = prefix.length + idx
+    k_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(c), (b, c)),
+                             jnp.broadcast_to(prefix.length + jnp.arange(t), (b, t)), pos], axis=1)
+    hidden, ks, vs = self._through_slots(
+        input_ids, slot, pos, visible, k_pos, cache, prefix,
+        rows=jnp.where(carry, slot[:, 0], n_slots), idx=idx, self_keys=True)
+    picked = jnp.take(hidden.reshape(b * l, -1), at, axis=0, mode="clip")[:, None]
+    lengths = cache.lengths.at[jnp.where(idx == 0, slot, n_slots)].set(0, mode="drop")
+    lengths = lengths.at[slot].max(idx + 1, mode="drop")
+    return self.model.norm(picked), SlotCache(k=ks, v=vs, lengths=lengths)
+
+  def _through_slots(self, input_ids, write_rows, pos, visible, k_pos, cache: SlotCache,
+                     prefix: PrefixCache, *, rows, idx, self_keys: bool = False):
+    """The layers over tokens `input_ids` [B, L] at positions `pos` [B, L], written at
+    slot-local `idx` [B, L] of slots `write_rows` (None: row b is slot b); `rows` are the
+    cache rows each batch row reads, `visible` [B, L, keys] the mask over the keys (prefix,
+    read rows, and the new tokens with `self_keys`) at positions `k_pos` [1 or B, keys].
+    Returns (hidden
+    [B, L, E], keys, values)."""
     masks = {None: visible}
     for w in set(self.config.sliding_windows or ()) - {None}:
-      masks[w] = visible & (k_pos[None, None, :] > pos[:, :, None] - w)
+      masks[w] = visible & (k_pos[:, None, :] > pos[:, :, None] - w)
     hidden = self._embed(input_ids)
     cos, sin = rope_cos_sin(self.config.inv_freq(), pos, self.dtype)
+
+    def view(ks, vs, i, mask):
+      return SlotView(ks, vs, i, rows, idx, prefix.k, prefix.v, mask, write_rows=write_rows,
+                      self_keys=self_keys)
+
     ks, vs = cache.k, cache.v
     if self.scan_layers:  # The caches ride in the carry, as in forward_cached.
       def body(carry, layer, mask, i, _):
         h, ks, vs = carry
-        h, (ks, vs) = layer.with_slots(h, cos, sin,
-                                       SlotView(ks, vs, i, rows, idx, prefix.k, prefix.v, mask))
+        h, (ks, vs) = layer.with_slots(h, cos, sin, view(ks, vs, i, mask))
         return (h, ks, vs), None
       (hidden, ks, vs), _ = self._scan(body, (hidden, ks, vs), masks)
     else:
       for i, layer in enumerate(self.model.layers):
-        view = SlotView(ks, vs, i, rows, idx, prefix.k, prefix.v,
-                        masks[self.config.sliding_window(i)])
-        hidden, (ks, vs) = layer.with_slots(hidden, cos, sin, view)
-    last = jnp.take_along_axis(hidden, jnp.maximum(counts - 1, 0)[:, None, None], axis=1)
-    lengths = cache.lengths.at[all_rows].set(start + counts, mode="drop")
-    return self.model.norm(last), SlotCache(k=ks, v=vs, lengths=lengths)
+        hidden, (ks, vs) = layer.with_slots(
+            hidden, cos, sin, view(ks, vs, i, masks[self.config.sliding_window(i)]))
+    return hidden, ks, vs
 
   def prefill_prefix(self, input_ids: jax.Array, length: jax.Array) -> PrefixCache:
     """The KV of a shared prefix `input_ids` [1, C] (first `length` tokens real), computed and
