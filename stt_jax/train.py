@@ -96,31 +96,32 @@ def make_optimizer(t: ml_collections.ConfigDict, total_steps: int
 # ------------------------------------------------------------------------------ step
 
 
-def _micro_grads(params, frozen, micro, key, graphdef):
+def _micro_grads(params, frozen, micro, key, graphdef, target_width=None):
   """Gradient of the summed target-token loss of one micro-batch w.r.t. `params`."""
 
   def loss_fn(p):
     model = nnx.merge(graphdef, p, frozen)
     lora.set_dropout_key(model, key)
-    total, count = token_loss_sum(model, micro)
+    total, count = token_loss_sum(model, micro, target_width=target_width)
     return total, count
 
   (total, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return total, count, grads
 
 
-def loss_and_grads(params, frozen, batch, key, *, graphdef):
-  """Mean target-token loss and its gradient over a batch of [accum, micro, L] arrays."""
+def loss_and_grads(params, frozen, batch, key, *, graphdef, target_width=None):
+  """Mean target-token loss and its gradient over a batch of [accum, micro, L] arrays;
+  `target_width`: see `loss.token_loss_sum`."""
   accum = batch["inputs"].shape[0]
   keys = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(
       jax.random.wrap_key_data(key), i)))(jnp.arange(accum))
   if accum == 1:
     total, count, grads = _micro_grads(params, frozen, jax.tree.map(lambda x: x[0], batch),
-                                       keys[0], graphdef)
+                                       keys[0], graphdef, target_width)
   else:
     def body(carry, xs):
       micro, k = xs
-      t, c, g = _micro_grads(params, frozen, micro, k, graphdef)
+      t, c, g = _micro_grads(params, frozen, micro, k, graphdef, target_width)
       return jax.tree.map(jnp.add, carry, (t, c, g)), None
 
     zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
@@ -131,10 +132,12 @@ def loss_and_grads(params, frozen, batch, key, *, graphdef):
   return total / denom, count, grads
 
 
-def _train_step(state: TrainState, frozen, batch, *, graphdef, tx, schedule):
+def _train_step(state: TrainState, frozen, batch, *, graphdef, tx, schedule,
+                target_width=None):
   key = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng),
                                                state.step))
-  loss, count, grads = loss_and_grads(state.params, frozen, batch, key, graphdef=graphdef)
+  loss, count, grads = loss_and_grads(state.params, frozen, batch, key, graphdef=graphdef,
+                                      target_width=target_width)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
@@ -188,7 +191,9 @@ class Trainer:
   """
 
   def __init__(self, model: nnx.Module, t: ml_collections.ConfigDict, mesh: Mesh,
-               total_steps: int):
+               total_steps: int, target_width: int | None = None):
+    """target_width: most target tokens in any row (`Examples.target_width`); the loss then
+    projects the LM head at that many positions per row, not at all seq_len."""
     self.mesh = mesh
     self.accum = t.grad_accum
     self.micro = t.batch_size // t.grad_accum
@@ -207,7 +212,7 @@ class Trainer:
     replicated = NamedSharding(mesh, P())
     self.step_fn = jax.jit(
         functools.partial(_train_step, graphdef=self.graphdef, tx=self.tx,
-                          schedule=self.schedule),
+                          schedule=self.schedule, target_width=target_width),
         in_shardings=(self.state_sharding, self.frozen_sharding, self.batch_sharding),
         out_shardings=(self.state_sharding, replicated), donate_argnums=(0,))
 
@@ -466,7 +471,7 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
   model.train()
   settings = model_settings(model)
   model_config = getattr(model, "config", None)
-  trainer = Trainer(model, t, mesh, total)
+  trainer = Trainer(model, t, mesh, total, target_width=examples.target_width(t.seq_len))
   del model  # The trainer holds what is needed; the initial values go once a state exists.
   run = _Run(
       t=t, trainer=trainer, examples=examples, data=data, total=total,

@@ -94,6 +94,21 @@ class Examples:
   def indices(self, source: str) -> np.ndarray:
     return np.flatnonzero(self.source == self.sources.index(source))
 
+  def target_width(self, seq_len: int, multiple: int = 8) -> int:
+    """The most target tokens a row of `seq_len` tokens can hold, however examples are packed
+    (rounded up to `multiple`, at most seq_len). A row holds at most seq_len tokens and each
+    example's targets are at most r x its length, r the highest targets-to-length ratio of
+    any example, so no row exceeds r x seq_len. The loss projects the LM head at this many
+    positions per row."""
+    n = np.asarray([len(t) - 1 for t in self.tokens], np.int64)
+    if not len(n) or not n.max():
+      return seq_len
+    # Position j (< n) is a target when j + 1 >= prompt_len (the loss mask of BatchIterator).
+    targets = np.clip(n - np.maximum(self.prompt_len, 1) + 1, 0, n)
+    ratio = float(np.max(targets[n > 0] / n[n > 0]))
+    width = -(-int(np.ceil(ratio * seq_len - 1e-9)) // multiple) * multiple
+    return int(min(seq_len, max(width, multiple)))
+
 
 def _encode(tokenizer, texts: Sequence[str], special: bool) -> list[list[int]]:
   return list(tokenizer(list(texts), add_special_tokens=special)["input_ids"])
