@@ -23,7 +23,10 @@ from stt_jax import translate_filters
 from stt_jax.tasks import get_task
 
 VARIANTS = ("zero_shot", "self_translate", "self_translate_cs")
-STAGES = ("translate", "train", "eval", "report")
+# export runs right after train: each variant's final checkpoint as an HF folder (+ PEFT
+# adapter) in a few seconds per GB; drop it from config.stages to save the disk (one model
+# copy per variant).
+STAGES = ("translate", "train", "export", "eval", "report")
 TASKS = ("mgsm", "xquad", "xnli")
 DTYPES = ("float32", "bfloat16", "float16")
 TRAIN_METHODS = ("full", "lora")
