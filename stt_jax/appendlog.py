@@ -1,5 +1,5 @@
 """Outputs that survive kill -9: append-only jsonl where only whole lines count, and whole
-files replaced atomically.
+files (and folders) replaced atomically.
 
 The translation cache, the train log and the eval metrics are appended to while a run may be
 killed at any byte. A line counts only when its newline is on disk (a torn line can still
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,3 +74,17 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2,
   """Replaces `path` with `obj` as JSON (UTF-8, not \\u-escaped, trailing newline) via
   `write_atomic`, so a config, index or marker file is never seen half written."""
   write_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", point)
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+  """Renames the finished folder `tmp` to `out`; an old `out` is moved aside first, then
+  deleted, so `out` is always either the old folder or the whole new one (or, killed
+  between the two renames, absent: a rerun writes it again)."""
+  out = os.fspath(out)
+  old = None
+  if os.path.exists(out):
+    old = f"{out}.old-{os.getpid()}"
+    os.rename(out, old)
+  os.rename(tmp, out)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)

@@ -13,6 +13,9 @@
                  predictions/<variant>-<step>-<task>-<lang>.jsonl
                  parts/<variant>-<step>-<task>-<lang>/<host>.json   multi-host hand-over
                  .lock                           one evaluator scores a checkpoint at a time
+    workdir/exports/<variant>/merged/            HF folder of the final checkpoint (export stage)
+                              adapter/           PEFT LoRA adapter (LoRA runs)
+                              export.json        marker: the checkpoint exported
     workdir/report.md, report.csv, report.png
 
 Stages ask this module for a path and never join names themselves, so the layout can change
@@ -101,6 +104,19 @@ class Workdir:
 
   def eval_parts(self, variant: str, step: int, task: str, lang: str) -> str:
     return os.path.join(self.eval, "parts", f"{variant}-{step}-{task}-{lang}")
+
+  # --------------------------------------------------------------------------- export
+
+  def export(self, variant: str) -> str:
+    """exports/<variant>/: merged/, adapter/ and export.json, written as one folder."""
+    return self.path("exports", variant)
+
+  def export_tmp(self, variant: str) -> str:
+    """Where the export stage writes a variant's folder before renaming it into place."""
+    return self.path("exports", f"{variant}.tmp")
+
+  def export_done(self, variant: str) -> str:
+    return os.path.join(self.export(variant), "export.json")
 
   # --------------------------------------------------------------------------- report
 

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from stt_jax.models import safetensors_io
 from tests import make_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,10 +150,10 @@ def _two_processes(workdir, model, *extra, module="stt_jax.main", timeout=500):
 
 
 def test_two_process_run_matches_one_process(tiny_model, tmp_path):
-  """Multi-host logic (translation slices, global-batch training, eval slices merged by
-  process 0) on 2 local processes x 2 CPU devices with JAX's gloo collectives; then a rerun
-  of one variant and a separate eval loop, where every host must take process 0's decisions
-  (done markers, what is scored, finished) or they deadlock."""
+  """Multi-host logic (translation slices, global-batch training, exports and eval slices
+  written by process 0) on 2 local processes x 2 CPU devices with JAX's gloo collectives;
+  then a rerun of one variant and a separate eval loop, where every host must take process
+  0's decisions (done markers, what is scored, finished) or they deadlock."""
   _two_processes(tmp_path / "multi", tiny_model)
   run_main(str(tmp_path / "single"), tiny_model)
   multi, single = tmp_path / "multi", tmp_path / "single"
@@ -166,6 +167,13 @@ def test_two_process_run_matches_one_process(tiny_model, tmp_path):
                                                          "metrics.jsonl")]
               for w in (multi, single)]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    # Exports: process 0 wrote whole folders, with the weights of the one-process run.
+    for name in ("merged/model.safetensors", "adapter/adapter_model.safetensors"):
+      with safetensors_io.SafetensorsFile(str(multi / "exports" / variant / name)) as a, \
+          safetensors_io.SafetensorsFile(str(single / "exports" / variant / name)) as b:
+        assert a.keys() == b.keys()
+        for key in a.keys():
+          np.testing.assert_allclose(a.tensor(key), b.tensor(key), atol=1e-5)
 
   before = _tree(str(multi))
   only = "--config.variants=('self_translate',)"

@@ -192,7 +192,7 @@ def ensure_model(out: str | os.PathLike | None = None, gguf: str | os.PathLike |
     try:
       info = _build(tmp, gguf, keep_gguf, dtype, progress)
       appendlog.write_json(tmp / MARKER, info)
-      _replace_dir(tmp, out)
+      appendlog.replace_dir(tmp, out)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
@@ -239,17 +239,6 @@ def _build(tmp: pathlib.Path, gguf, keep_gguf: bool, dtype: str, progress: bool)
   info.update(summary, seconds=round(time.monotonic() - t0, 1),
               created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
   return info
-
-
-def _replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
-  """Renames tmp to out; an old out (with --force) is moved aside first, then deleted."""
-  old = None
-  if out.exists():
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    out.rename(old)
-  tmp.rename(out)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -177,7 +177,7 @@ def _view(files: _WeightFiles, name: str, shape: tuple[int, ...], transpose: boo
   return f, (src.T if transpose else src)
 
 
-def _read_rows(views: list[np.ndarray], shape: tuple[int, ...], target, idx) -> np.ndarray:
+def read_rows(views: list[np.ndarray], shape: tuple[int, ...], target, idx) -> np.ndarray:
   """One device shard of a stacked parameter: rows `idx[0]` (one HF tensor each), each cut
   to `idx[1:]`."""
   rows = range(shape[0])[idx[0]]
@@ -267,7 +267,7 @@ def load_hf(path: str | os.PathLike, mesh: Mesh | None = None, dtype="float32",
         read = lambda idx, view=view, target=target: np.array(view[idx], dtype=target)
       else:  # Stacked: a shard's slice of the layer dim says which HF tensors it reads.
         views = [_view(files, n, shape[1:], transpose)[1] for n in names]
-        read = functools.partial(_read_rows, views, shape, target)
+        read = functools.partial(read_rows, views, shape, target)
       var.set_value(jax.make_array_from_callback(
           shape, param_sharding(var, shape, mesh, layout), read))
       for n in names:
@@ -289,17 +289,23 @@ def hf_tensors(model: CausalLM, dtype=None) -> Iterator[tuple[str, safetensors_i
     value = var.get_value()
     stacked = is_stacked(keys)
     names, transpose = hf_names(keys, value.shape[0] if stacked else 0)
-    out_dtype = np.dtype(dtype or value.dtype)
-    row_shape = tuple(value.shape[1:] if stacked else value.shape)
-    shape = row_shape[::-1] if transpose else row_shape
-    for i, hf_name in enumerate(names):
+    yield from lazy_rows(value, names, stacked, transpose, dtype)
 
-      def fetch(value=value, i=i if stacked else None, transpose=transpose,
-                out_dtype=out_dtype):
-        host = _to_host(value if i is None else value[i])
-        return np.ascontiguousarray((host.T if transpose else host).astype(out_dtype))
 
-      yield hf_name, safetensors_io.LazyTensor(shape, out_dtype, fetch)
+def lazy_rows(value: jax.Array, names: list[str], stacked: bool, transpose: bool, dtype=None
+              ) -> Iterator[tuple[str, safetensors_io.LazyTensor]]:
+  """(name, lazy tensor) per name: `value` itself, or row i of a stacked `value`; transposed
+  to HF's [out, in] when `transpose`. Shared by save_hf and peft_io.save_peft."""
+  out_dtype = np.dtype(dtype or value.dtype)
+  row_shape = tuple(value.shape[1:] if stacked else value.shape)
+  shape = row_shape[::-1] if transpose else row_shape
+  for i, name in enumerate(names):
+
+    def fetch(i=i if stacked else None):
+      host = _to_host(value if i is None else value[i])
+      return np.ascontiguousarray((host.T if transpose else host).astype(out_dtype))
+
+    yield name, safetensors_io.LazyTensor(shape, out_dtype, fetch)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

@@ -17,7 +17,7 @@ in both layouts: an unrolled adapter knows its layer, a stacked one gets it from
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +166,13 @@ def _place_like(layer: LoRALinear, kernel_sharding: jax.sharding.NamedSharding) 
                     (layer.lora_b, P(*lead, None, spec[-1]))):
     sharded = jax.sharding.NamedSharding(mesh, part)
     var.set_value(jax.device_put(np.asarray(var.get_value()), sharded))
+
+
+def adapters(model: nnx.Module) -> Iterator[tuple[tuple, LoRALinear]]:
+  """(module path, adapter) of every LoRALinear of `model`, in model order."""
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, LoRALinear):
+      yield tuple(path), module
 
 
 def has_lora(model: nnx.Module) -> bool:

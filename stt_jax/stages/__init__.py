@@ -7,10 +7,11 @@ The library below them (models, decode, train, translate, tasks, ...) knows no s
 
 from __future__ import annotations
 
-from stt_jax.stages import evaluate, report, train, translate
+from stt_jax.stages import evaluate, export, report, train, translate
 
 # config.stages name -> the stage's module.
-STAGES = {"translate": translate, "train": train, "eval": evaluate, "report": report}
+STAGES = {"translate": translate, "train": train, "export": export, "eval": evaluate,
+          "report": report}
 
 
 def run(name: str, cfg, wd, tokenizer) -> None:
