@@ -192,6 +192,29 @@ def test_generation_tasks_score_their_predictions():
   assert plain == {"accuracy": 1.0}  # Compat off: our metric only.
 
 
+LANGS = ("en", "de", "ru", "th", "zh")
+
+
+def test_real_rows():
+  """The native MGSM exemplars end in their language's answer sentence: strict-match reads 39
+  of 40 (one German exemplar says 'Die Antwort ist 11.'), flexible-extract all 40. Every gold
+  XQuAD answer scores 100 against itself under both XQuAD rules, in every language."""
+  mgsm, xquad = get_task("mgsm"), get_task("xquad")
+  missed, found = [], 0
+  for lang in LANGS:
+    for row in mgsm.load("exemplars", lang, strict=True):
+      scores = mgsm.compat_scores(row["rationale"], row)
+      found += scores["lm_eval_flexible_extract"]
+      if not scores["lm_eval_strict_match"]:
+        missed.append((lang, row["rationale"].rsplit(". ", 1)[-1]))
+  assert found == 40 and missed == [("de", "Die Antwort ist 11.")]
+  for lang in LANGS:
+    rows = xquad.load("test", lang, strict=True)
+    for row in rows:
+      scores = xquad.compat_scores(row["answers"][0]["text"], row)
+      assert set(scores.values()) == {100.0}, (lang, row["id"], scores)
+
+
 def test_config_switch_is_a_validated_bool():
   cfg = run_config.get_config()
   assert cfg.eval.lm_eval_compat is True
