@@ -305,6 +305,18 @@ def check_data(cfg, stages: Sequence[str], tokenizer=None) -> None:
                    source=cfg.task.data_source)
       if tokenizer is not None:
         check_eval_prompts(cfg, task, lang, rows, tokenizer)
+      if cfg.eval.lm_eval_compat:
+        check_compat(task, rows[0])
+
+
+def check_compat(task, row) -> None:
+  """The published-table rules (eval.lm_eval_compat) know the row's language: found here,
+  not after training, when the eval stage first scores it."""
+  try:
+    choices = task.compat_choices(row)
+    task.compat_scores("", row, None if choices is None else 0)
+  except ValueError as e:
+    raise PreflightError(f"config: {e}") from None
 
 
 def check_eval_prompts(cfg, task, lang: str, rows, tokenizer) -> None:

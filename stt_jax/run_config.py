@@ -230,6 +230,9 @@ def _eval() -> ml_collections.ConfigDict:
   e.batch_size = 16
   e.max_new_tokens = 256  # Generation budget per answer (MGSM rationales are long).
   e.method = "generate"  # generate | loglik (XNLI: rank the label words).
+  # Also write metric rows under the rules of published tables (lm-eval-harness, MLQA; see
+  # docs/tasks.md). Free for MGSM and XQuAD; XNLI costs one more log-likelihood pass.
+  e.lm_eval_compat = True
   e.base_model = True  # Also score the model before fine-tuning (variant 'base').
   e.checkpoints = "all"  # all | final: which saved steps of each variant to score.
   e.poll_seconds = 30.0  # Separate eval loop: how often to look for new checkpoints.

@@ -119,14 +119,17 @@ def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None):
 
 def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *,
                 method: str = "generate", batch_size: int = 8, max_new_tokens: int = 256,
-                mesh=None, desc: str = "eval") -> dict:
+                mesh=None, desc: str = "eval", lm_eval_compat: bool = False) -> dict:
   """Metrics of `model` on `rows`: {metrics: {name: (value, lo, hi)}, n, seconds, predictions,
-  stopped, truncated}.
+  stopped, truncated, choices}.
 
   method: 'generate' (greedy, stop at the task's stop sequences, extract the answer) or
   'loglik' (rank the task's label words; XNLI). stopped[i] is False when generation i used all
   `max_new_tokens` (its answer may be cut off; None for loglik); truncated counts those, so
   a score lowered by a too-small budget shows in the report.
+  lm_eval_compat: also the task's `compat_metric_names` (the rules of lm-eval-harness and
+  MLQA tables); where they rank continuations (XNLI) that is one more log-likelihood pass,
+  and choices[i] is the index it picked (else choices is None).
   """
   start = time.perf_counter()
   if method == "loglik":
@@ -145,12 +148,28 @@ def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *
       predictions[i], stopped[i] = done.text, done.stopped
   else:
     raise ValueError(f"eval.method={method!r}; use 'generate' or 'loglik'")
-  per_example = [task.example_scores(p, r) for p, r in zip(predictions, rows)]
+  choices = None
+  names = task.metric_names
+  if lm_eval_compat:
+    # Built on first use: only tasks whose compat metrics rank continuations need it.
+    score_fn = lambda p, c: loglik_fn(model, tokenizer, batch_size, mesh)(p, c)
+    choices = task.rank_compat_choices(rows, score_fn)
+    names += task.compat_metric_names
+  per_example = example_scores(task, predictions, rows, choices, lm_eval_compat)
   result = {}
-  for name in task.metric_names:
+  for name in names:
     values = [s[name] for s in per_example]
     lo, hi = bootstrap_ci(values)
     result[name] = (float(np.mean(values)) if values else float("nan"), lo, hi)
   return {"metrics": result, "n": len(rows), "seconds": time.perf_counter() - start,
           "predictions": predictions, "stopped": stopped,
-          "truncated": 0 if stopped is None else stopped.count(False)}
+          "truncated": 0 if stopped is None else stopped.count(False), "choices": choices}
+
+
+def example_scores(task: Task, predictions: Sequence[str], rows: Sequence[dict],
+                   choices: Sequence[int] | None, lm_eval_compat: bool) -> list[dict]:
+  """Per row: our metrics, plus the compat ones (given the ranked choice, if any)."""
+  choices = choices if choices is not None else [None] * len(rows)
+  return [{**task.example_scores(p, r), **(task.compat_scores(p, r, c) if lm_eval_compat
+                                           else {})}
+          for p, r, c in zip(predictions, rows, choices)]

@@ -63,7 +63,9 @@ def test_tiny_all_stages_then_rerun_is_noop(tiny_model, tmp_path):
   assert set(keys) == {(v, s, l) for v, s in [("base", 0)] + [
       (v, s) for v in ("zero_shot", "self_translate", "self_translate_cs") for s in (2, 4)]
                        for l in ("zh", "en")}
-  assert set(keys.values()) == {1}  # accuracy only, once per (variant, step, lang)
+  # accuracy and lm_eval_acc (eval.lm_eval_compat), once per (variant, step, lang)
+  assert set(keys.values()) == {2}
+  assert {r["metric"] for r in rows} == {"accuracy", "lm_eval_acc"}
   for name in ("report.md", "report.csv", "report.png", "config.json",
                "translations/xnli_zh.train.jsonl", "translations/xnli_zh.stats.json",
                "runs/self_translate/train_done.json"):
@@ -102,12 +104,12 @@ def test_separate_eval_loop_scores_new_checkpoints_once(tiny_model, tmp_path):
   assert evaluator.returncode == 0, err[-3000:]
   keys = collections.Counter((r["variant"], r["step"], r["lang"]) for r in _metrics(workdir))
   assert keys == collections.Counter(
-      {(v, s, l): 1 for v, s in (("base", 0), ("zero_shot", 2), ("zero_shot", 4))
+      {(v, s, l): 2 for v, s in (("base", 0), ("zero_shot", 2), ("zero_shot", 4))
        for l in ("zh", "en")})
   # Running the loop again finds nothing to do and exits.
   proc = run_main(workdir, tiny_model, "--config.variants=('zero_shot',)",
                   module="stt_jax.evaluate")
-  assert len(_metrics(workdir)) == 6, proc.stderr[-2000:]
+  assert len(_metrics(workdir)) == 12, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("override,message", [

@@ -73,11 +73,18 @@ class MetricsFile:
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def metric_names(cfg, task) -> tuple[str, ...]:
+  """The metric rows one (model, language) gets: ours, plus the lm-eval-harness / MLQA ones
+  when eval.lm_eval_compat is on."""
+  return task.metric_names + (task.compat_metric_names if cfg.eval.lm_eval_compat else ())
+
+
 def score_model(model, tokenizer, cfg, variant: str, step: int, wd: Workdir, mesh,
                 metrics: MetricsFile) -> list[dict]:
   """Scores one model on every eval language not yet in metrics.jsonl; returns new rows."""
   task = get_task(cfg.task.name)
-  done = metrics.scored(task.metric_names)
+  names = metric_names(cfg, task)
+  done = metrics.scored(names)
   # Process 0's view of what is left: each language below runs collectives on every host.
   langs = hosts.agree([lang for lang in cfg.eval.langs
                        if (variant, step, task.name, lang) not in done])
@@ -92,29 +99,35 @@ def score_model(model, tokenizer, cfg, variant: str, step: int, wd: Workdir, mes
     res = scoring.score_split(model, tokenizer, task, mine, lang, method=cfg.eval.method,
                               batch_size=cfg.eval.batch_size,
                               max_new_tokens=cfg.eval.max_new_tokens, mesh=mesh,
-                              desc=f"eval {variant}@{step} {lang}")
+                              desc=f"eval {variant}@{step} {lang}",
+                              lm_eval_compat=cfg.eval.lm_eval_compat)
     stopped = res["stopped"] or [None] * len(mine)  # None: loglik, nothing generated.
-    gathered = _gather_predictions([[p, s] for p, s in zip(res["predictions"], stopped)],
-                                   test, wd, variant, step, task.name, lang)
+    choices = res["choices"] or [None] * len(mine)  # The compat pass's pick (XNLI), if any.
+    gathered = _gather_predictions(
+        [[p, s, c] for p, s, c in zip(res["predictions"], stopped, choices)],
+        test, wd, variant, step, task.name, lang)
     if jax.process_index() != 0:
       continue
-    preds = [p for p, _ in gathered]
-    stopped = [s for _, s in gathered]
+    preds, stopped, choices = ([g[k] for g in gathered] for k in range(3))
     truncated = stopped.count(False)  # Generations that hit eval.max_new_tokens, all hosts'.
-    per_example = [task.example_scores(p, r) for p, r in zip(preds, test)]
+    ranked = any(c is not None for c in choices)
+    per_example = scoring.example_scores(task, preds, test, choices, cfg.eval.lm_eval_compat)
     _write_predictions(wd.predictions(variant, step, task.name, lang), test, preds, stopped,
-                       per_example)
+                       choices, per_example)
     faults.point("eval.predictions_written")
-    for name in task.metric_names:
+    for name in names:
       values = [s[name] for s in per_example]
       lo, hi = scoring.bootstrap_ci(values)
+      # A compat metric that ranks continuations (XNLI) generated nothing: no cut answers.
+      by_rank = ranked and name in task.compat_metric_names
       rows.append({"variant": variant, "step": step, "task": task.name, "lang": lang,
                    "metric": name, "value": float(np.mean(values)), "ci_low": lo, "ci_high": hi,
                    "n": len(test), "seconds": round(res["seconds"], 2),
                    "model": model_label(cfg), "params": model.config.num_params(),
-                   "method": cfg.eval.method, "truncated": truncated, "time": time.time()})
+                   "method": "loglik" if by_rank else cfg.eval.method,
+                   "truncated": 0 if by_rank else truncated, "time": time.time()})
     logging.info("eval %s@%d %s %s: %s", variant, step, task.name, lang,
-                 {r["metric"]: round(r["value"], 4) for r in rows[-len(task.metric_names):]})
+                 {r["metric"]: round(r["value"], 4) for r in rows[-len(names):]})
   return rows
 
 
@@ -136,14 +149,16 @@ def _gather_predictions(mine: list, test, wd: Workdir, variant, step, task, lang
   return preds
 
 
-def _write_predictions(path, test, preds, stopped, per_example) -> None:
+def _write_predictions(path, test, preds, stopped, choices, per_example) -> None:
   """One row per test item; `stopped` (generation only) is False where the answer was cut
-  by eval.max_new_tokens."""
+  by eval.max_new_tokens; `lm_eval_choice` is the continuation the compat pass ranked first
+  (XNLI: 0 entailment, 1 neutral, 2 contradiction)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   appendlog.write_atomic(path, "".join(
       json.dumps({"id": r["id"], "prediction": p, **({} if st is None else {"stopped": st}),
-                  **s}, ensure_ascii=False) + "\n"
-      for r, p, st, s in zip(test, preds, stopped, per_example)))
+                  **({} if c is None else {"lm_eval_choice": c}), **s},
+                 ensure_ascii=False) + "\n"
+      for r, p, st, c, s in zip(test, preds, stopped, choices, per_example)))
 
 
 def _finished_step(wd: Workdir, variant: str) -> int | None:
@@ -154,7 +169,7 @@ def _finished_step(wd: Workdir, variant: str) -> int | None:
 def pending(cfg, wd: Workdir, metrics: MetricsFile) -> list[tuple[str, int]]:
   """(variant, step) pairs with a finished checkpoint that some eval language still lacks."""
   task = get_task(cfg.task.name)
-  scored = metrics.scored(task.metric_names)
+  scored = metrics.scored(metric_names(cfg, task))
   out = []
   for variant in cfg.variants:
     ckpt_dir = wd.checkpoints(variant)
@@ -213,7 +228,7 @@ def _score_base(cfg, wd: Workdir, tokenizer, mesh, metrics: MetricsFile) -> int:
   """Scores the model before fine-tuning (variant 'base', step 0) once; returns 1 if it did."""
   task = get_task(cfg.task.name)
   with metrics.lock():
-    done = metrics.scored(task.metric_names)
+    done = metrics.scored(metric_names(cfg, task))
     todo = [(BASE, 0)] if any((BASE, 0, task.name, lang) not in done
                               for lang in cfg.eval.langs) else []
     if not _agreed(todo):

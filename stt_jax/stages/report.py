@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from stt_jax import hosts
+from stt_jax.tasks import TASKS
 from stt_jax.workdir import Workdir
 
 PRIMARY = {"mgsm": "accuracy", "xquad": "f1", "xnli": "accuracy"}
@@ -64,21 +65,60 @@ def _langs(keys) -> list[str]:
   return sorted(seen - {"en"}) + (["en"] if "en" in seen else [])
 
 
+# Metrics in [0, 1], printed as percentages; the others (F1, exact match) are in [0, 100].
+FRACTIONS = ("accuracy", "lm_eval_acc", "lm_eval_strict_match", "lm_eval_flexible_extract")
+# What the second table of a task reproduces (stt_jax/tasks/compat.py, docs/tasks.md).
+COMPAT_SOURCE = {
+    "mgsm": "lm-evaluation-harness `mgsm_native_cot_<lang>`: exact_match after its "
+            "strict-match and flexible-extract filters",
+    "xnli": "lm-evaluation-harness `xnli_<lang>`: acc, its three sentences ranked by "
+            "log-likelihood",
+    "xquad": "MLQA's evaluation script (`mlqa_*`; ru by words and th by characters are our "
+             "extension) and lm-evaluation-harness `xquad_<lang>` (`lm_eval_*`: SQuAD v1 "
+             "rules, first gold answer only)",
+}
+
+
 def _fmt(value: float, metric: str) -> str:
-  return f"{value * 100:.1f}" if metric == "accuracy" else f"{value:.1f}"
+  return f"{value * 100:.1f}" if metric in FRACTIONS else f"{value:.1f}"
+
+
+def _cell(best: dict, key: tuple) -> tuple[str, float | None]:
+  """'value [low, high] (+delta) †k' of one (model, task, variant, lang, metric), and the
+  difference to zero-shot transfer (None for the baseline itself or without one)."""
+  r, metric = best[key], key[4]
+  cell = f"{_fmt(r['value'], metric)} [{_fmt(r['ci_low'], metric)}, " \
+         f"{_fmt(r['ci_high'], metric)}]"
+  base = best.get((key[0], key[1], BASELINE, key[3], metric))
+  delta = None
+  if base is not None and key[2] != BASELINE:
+    delta = r["value"] - base["value"]
+    cell += f" ({'+' if delta >= 0 else ''}{_fmt(delta, metric)})"
+  if r.get("truncated"):
+    cell += f" †{r['truncated']}"
+  return cell, delta
+
+
+def _csv_row(best: dict, key: tuple, delta) -> list:
+  model, task, v, lang, metric = key
+  r = best[key]
+  return [model, task, metric, v, lang, r["step"], r["value"], r["ci_low"], r["ci_high"],
+          r.get("n"), delta, r.get("truncated")]
 
 
 def table(rows: Sequence[dict]) -> tuple[str, list[list]]:
-  """Markdown table(s), one per (model, task), and the same content as CSV rows."""
+  """Markdown table(s), one per (model, task) for our metric and one for the metrics scored
+  as published tables (when eval.lm_eval_compat wrote them), and the same content as CSV."""
   best = latest(rows)
   md, csv_rows = [], [["model", "task", "metric", "variant", "lang", "step", "value",
                        "ci_low", "ci_high", "n", "delta_vs_zero_shot", "truncated"]]
   groups = sorted({(k[0], k[1]) for k in best})
   for model, task in groups:
+    compat = _compat_metrics(best, model, task)
     metric = PRIMARY.get(task) or next(k[4] for k in best if k[:2] == (model, task))
     keys = [k for k in best if k[:2] == (model, task) and k[4] == metric]
     variants, langs = _variants(keys), _langs(keys)
-    scale = "%" if metric == "accuracy" else ""
+    scale = "%" if metric in FRACTIONS else ""
     md.append(f"### {task} — {metric}{' (%)' if scale else ''}"
               f"{f' — {model}' if model else ''}\n")
     md.append("| variant | " + " | ".join(langs) + " |")
@@ -87,30 +127,59 @@ def table(rows: Sequence[dict]) -> tuple[str, list[list]]:
     for v in variants:
       cells = []
       for lang in langs:
-        r = best.get((model, task, v, lang, metric))
-        if r is None:
+        key = (model, task, v, lang, metric)
+        if key not in best:
           cells.append("—")
           continue
-        cell = f"{_fmt(r['value'], metric)} [{_fmt(r['ci_low'], metric)}, " \
-               f"{_fmt(r['ci_high'], metric)}]"
-        base = best.get((model, task, BASELINE, lang, metric))
-        delta = None
-        if base is not None and v != BASELINE:
-          delta = r["value"] - base["value"]
-          cell += f" ({'+' if delta >= 0 else ''}{_fmt(delta, metric)})"
-        if r.get("truncated"):
-          cell += f" †{r['truncated']}"
-          cut_any = True
+        cell, delta = _cell(best, key)
+        cut_any = cut_any or bool(best[key].get("truncated"))
         cells.append(cell)
-        csv_rows.append([model, task, metric, v, lang, r["step"], r["value"], r["ci_low"],
-                         r["ci_high"], r.get("n"), delta, r.get("truncated")])
+        csv_rows.append(_csv_row(best, key, delta))
       md.append(f"| {v} | " + " | ".join(cells) + " |")
     ns = sorted({best[k].get("n") for k in keys if best[k].get("n") is not None})
     md.append(f"\nn = {', '.join(map(str, ns))} test items per language; brackets: bootstrap "
               f"95% interval; parentheses: difference to {BASELINE} (zero-shot transfer)."
               + ("\n†k: k generations hit eval.max_new_tokens before a stop (answers may be "
                  "cut off); raise eval.max_new_tokens." if cut_any else "") + "\n")
+    if compat:
+      md += _compat_table(best, model, task, compat, csv_rows)
   return "\n".join(md), csv_rows
+
+
+def _compat_metrics(best: dict, model: str, task: str) -> list[str]:
+  """The task's metrics under published rules that the rows hold, in the task's order."""
+  known = TASKS[task].compat_metric_names if task in TASKS else ()
+  have = {k[4] for k in best if k[:2] == (model, task)}
+  return [m for m in known if m in have]
+
+
+def _compat_table(best: dict, model: str, task: str, metrics: Sequence[str],
+                  csv_rows: list) -> list[str]:
+  """The second table of a task: metric × variant rows, scored as published tables are."""
+  keys = [k for k in best if k[:2] == (model, task) and k[4] in metrics]
+  variants, langs = _variants(keys), _langs(keys)
+  md = [f"#### {task} — scored as published tables (lm-eval-harness / MLQA rules)"
+        f"{f' — {model}' if model else ''}\n",
+        f"Rules of {COMPAT_SOURCE.get(task, 'published tables')}.\n",
+        "| metric | variant | " + " | ".join(langs) + " |",
+        "|---|---|" + "---|" * len(langs)]
+  for metric in metrics:
+    for v in variants:
+      cells = []
+      for lang in langs:
+        key = (model, task, v, lang, metric)
+        if key not in best:
+          cells.append("—")
+          continue
+        cell, delta = _cell(best, key)
+        cells.append(cell)
+        csv_rows.append(_csv_row(best, key, delta))
+      md.append(f"| {metric}{' (%)' if metric in FRACTIONS else ''} | {v} | "
+                + " | ".join(cells) + " |")
+  md.append("\nThe same checkpoints and test items as the table above, scored under the "
+            "published rules (with our prompts and decoding; docs/tasks.md lists what else "
+            "differs from a harness run). Brackets, parentheses and † as above.\n")
+  return md
 
 
 def train_cuts(workdirs: Sequence[str]) -> str:

@@ -196,6 +196,9 @@ class Task:
   stop_sequences: tuple[str, ...] = ("\n",)
   # Names of the metrics `score` returns; values are means over examples.
   metric_names: tuple[str, ...] = ()
+  # Metrics under the rules of published tables (lm-eval-harness, MLQA;
+  # compat.py), reported beside ours when eval.lm_eval_compat is on.
+  compat_metric_names: tuple[str, ...] = ()
 
   # -- loading --------------------------------------------------------------
 
@@ -404,3 +407,25 @@ class Task:
                    for p, e in zip(predictions, examples)]
     return {name: metrics.mean([s[name] for s in per_example])
             for name in self.metric_names}
+
+  def compat_choices(self, example: Example
+                     ) -> Optional[tuple[str, list[str]]]:
+    """(context, continuations) when the compat metrics rank continuations by
+    log-likelihood instead of reading the generation; None otherwise."""
+    del example
+    return None
+
+  def rank_compat_choices(self, examples: Sequence[Example],
+                          score_fn: metrics.ScoreFn) -> Optional[list[int]]:
+    """The best continuation of `compat_choices` per example (one score_fn
+    call for all), or None for a task without them."""
+    requests = [self.compat_choices(e) for e in examples]
+    if not requests or requests[0] is None:
+      return None
+    return metrics.rank_each(requests, score_fn)
+
+  def compat_scores(self, prediction: str, example: Example,
+                    choice: Optional[int] = None) -> dict[str, float]:
+    """Each of `compat_metric_names` for one generated text, or for the index
+    of the continuation `rank_compat_choices` picked."""
+    raise NotImplementedError

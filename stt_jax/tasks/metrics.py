@@ -139,7 +139,7 @@ def format_number(value: Number) -> str:
 CHAR_TOKEN_LANGS = frozenset({"zh", "th", "ja"})
 
 
-def _is_punct(ch: str) -> bool:
+def is_punct(ch: str) -> bool:
   # SQuAD v1.1 strips string.punctuation; the MLQA script extends that to all
   # Unicode punctuation (category P*), which matters for "。", "«", "—"...
   return ch in string.punctuation or unicodedata.category(ch).startswith("P")
@@ -148,7 +148,7 @@ def _is_punct(ch: str) -> bool:
 def normalize_answer(text: str, lang: str = "en") -> str:
   """SQuAD v1.1 normalisation: lower, drop punctuation and English articles,
   collapse whitespace."""
-  text = "".join(ch for ch in text.lower() if not _is_punct(ch))
+  text = "".join(ch for ch in text.lower() if not is_punct(ch))
   if lang == "en":
     text = re.sub(r"\b(a|an|the)\b", " ", text)
   return " ".join(text.split())
@@ -251,15 +251,25 @@ def rank_choices(prompts: Sequence[str], choices: Sequence[str],
   likelihood) per pair; all prompts x choices go in one call so the caller
   can batch them. Ties go to the earlier choice.
   """
-  flat_prompts = [p for p in prompts for _ in choices]
-  flat_choices = [c for _ in prompts for c in choices]
-  scores = list(score_fn(flat_prompts, flat_choices))
+  return rank_each([(p, choices) for p in prompts], score_fn)
+
+
+def rank_each(requests: Sequence[tuple[str, Sequence[str]]],
+              score_fn: ScoreFn) -> list[int]:
+  """rank_choices where each prompt has its own continuations (XNLI's
+  lm-eval form puts the hypothesis in every choice)."""
+  flat_prompts = [p for p, conts in requests for _ in conts]
+  flat_conts = [c for _, conts in requests for c in conts]
+  scores = list(score_fn(flat_prompts, flat_conts))
   if len(scores) != len(flat_prompts):
     raise ValueError(f"score_fn returned {len(scores)} scores for "
                      f"{len(flat_prompts)} prompt/continuation pairs")
-  k = len(choices)
-  return [max(range(k), key=lambda j, i=i: (scores[i * k + j], -j))
-          for i in range(len(prompts))]
+  best, start = [], 0
+  for _, conts in requests:
+    mine = scores[start:start + len(conts)]
+    best.append(max(range(len(mine)), key=lambda j: (mine[j], -j)))
+    start += len(conts)
+  return best
 
 
 def mean(values: Sequence[float]) -> float:

@@ -7,9 +7,10 @@ accuracy of the final number.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from stt_jax.tasks import base
+from stt_jax.tasks import compat
 from stt_jax.tasks import metrics
 
 # GSM8K calculator annotations, e.g. "48/2 = <<48/2=24>>24".
@@ -69,6 +70,7 @@ class Mgsm(base.Task):
   prompt_template = "Question: {question}\nAnswer:"
   stop_sequences = ("\n\n", "\nQuestion:")
   metric_names = ("accuracy",)
+  compat_metric_names = ("lm_eval_strict_match", "lm_eval_flexible_extract")
 
   def parse_row(self, record: Mapping[str, Any], split: str,
                 lang: str) -> base.Example:
@@ -100,3 +102,10 @@ class Mgsm(base.Task):
     predicted = self.extract_answer(prediction, example["lang"])
     return {"accuracy": float(
         metrics.numbers_equal(predicted, example["answer_number"]))}
+
+  def compat_scores(self, prediction: str, example: base.Example,
+                    choice: Optional[int] = None) -> dict[str, float]:
+    """lm-eval mgsm_native_cot_<lang>'s two filters on the generation."""
+    del choice  # Read from the generation, not ranked.
+    return compat.mgsm_scores(prediction, example["answer_number"],
+                              example["lang"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence
 
 from stt_jax.tasks import base
+from stt_jax.tasks import compat
 from stt_jax.tasks import metrics
 
 LABELS = metrics.LABELS  # HF/TFDS integer labels index this tuple.
@@ -56,6 +57,7 @@ class Xnli(base.Task):
   translatable_fields = (base.Field("premise"), base.Field("hypothesis"))
   prompt_template = "Premise: {premise}\nHypothesis: {hypothesis}\nLabel:"
   metric_names = ("accuracy",)
+  compat_metric_names = ("lm_eval_acc",)
 
   def parse_row(self, record: Mapping[str, Any], split: str,
                 lang: str) -> base.Example:
@@ -93,3 +95,17 @@ class Xnli(base.Task):
     predicted = self.rank_labels(examples, score_fn)
     return {"accuracy": metrics.mean(
         [float(p == e["label"]) for p, e in zip(predicted, examples)])}
+
+  def compat_choices(self, example: base.Example) -> tuple[str, list[str]]:
+    """lm-eval xnli_<lang>'s three sentences, split where they differ."""
+    return compat.xnli_choices(example["premise"], example["hypothesis"],
+                               example["lang"])
+
+  def compat_scores(self, prediction: str, example: base.Example,
+                    choice: Optional[int] = None) -> dict[str, float]:
+    """lm_eval_acc: whether the ranked choice is the gold label; the
+    generation (or our own label ranking) plays no part."""
+    if choice is None:
+      raise ValueError("lm_eval_acc needs the choice rank_compat_choices "
+                       "picked")
+    return {"lm_eval_acc": float(LABELS[choice] == example["label"])}

@@ -6,9 +6,10 @@ match and token F1, over characters for zh and th.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from stt_jax.tasks import base
+from stt_jax.tasks import compat
 from stt_jax.tasks import metrics
 
 
@@ -60,6 +61,8 @@ class Xquad(base.Task):
   )
   prompt_template = "Context: {context}\nQuestion: {question}\nAnswer:"
   metric_names = ("exact_match", "f1")
+  compat_metric_names = ("mlqa_f1", "mlqa_exact_match", "lm_eval_f1",
+                         "lm_eval_exact_match")
 
   def parse_row(self, record: Mapping[str, Any], split: str,
                 lang: str) -> base.Example:
@@ -105,3 +108,12 @@ class Xquad(base.Task):
         "f1": 100 * metrics.max_over_golds(
             metrics.token_f1, answer, golds, lang),
     }
+
+  def compat_scores(self, prediction: str, example: base.Example,
+                    choice: Optional[int] = None) -> dict[str, float]:
+    """MLQA's EM/F1 and lm-eval xquad_<lang>'s, on the same answer line."""
+    del choice  # Read from the generation, not ranked.
+    answer = self.extract_answer(prediction)
+    golds = [a["text"] for a in example["answers"]]
+    return {**compat.mlqa_scores(answer, golds, example["lang"]),
+            **compat.lm_eval_xquad_scores(answer, golds)}
