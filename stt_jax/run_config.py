@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = _train()
   c.checkpoint = _checkpoint()
   c.eval = _eval()
+  c.logging = _logging()
   return c
 
 
@@ -238,6 +239,14 @@ def _eval() -> ml_collections.ConfigDict:
   e.poll_seconds = 30.0  # Separate eval loop: how often to look for new checkpoints.
   e.timeout_hours = 48.0  # Separate eval loop: give up waiting after this long.
   return e
+
+
+def _logging() -> ml_collections.ConfigDict:
+  g = ml_collections.ConfigDict()
+  # TensorBoard event files beside the jsonl logs (runs/<variant>/train/, eval/tensorboard/
+  # <variant>/; `tensorboard --logdir <workdir>`). Needs tensorboardX; without it, one warning.
+  g.tensorboard = True
+  return g
 
 
 # ------------------------------------------------------------------------------ presets

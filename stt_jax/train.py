@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from stt_jax import appendlog, checkpoint, faults, flops, sharding, train_data
+from stt_jax import appendlog, checkpoint, faults, flops, sharding, tensorboard, train_data
 from stt_jax.loss import token_loss_sum
 from stt_jax.models import hf_io, lora
 from stt_jax.tasks import Task, get_task
@@ -365,14 +365,16 @@ def _prepare_model(model_or_path, t: ml_collections.ConfigDict, mesh: Mesh,
 
 
 class _MetricsLog:
-  """Append-only workdir/train/metrics.jsonl (process 0), one row per log step.
+  """Append-only workdir/train/metrics.jsonl (process 0), one row per log step, and with
+  `events` the same rows as TensorBoard scalars in an event file beside it.
 
-  A resumed run first rewinds it to the restored step: rows logged after the last checkpoint
+  A resumed run first rewinds both to the restored step: rows logged after the last checkpoint
   (and a torn last line) are dropped, so the steps trained again are not logged twice."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, events: bool = False):
     self.path = path
     self.writer = jax.process_index() == 0
+    self.events = tensorboard.EventFile(os.path.dirname(path)) if events else None
     if self.writer:
       os.makedirs(os.path.dirname(path), exist_ok=True)
 
@@ -382,6 +384,8 @@ class _MetricsLog:
 
   def rewind(self, step: int) -> None:
     """Keeps the rows up to `step` (atomically rewritten only when something goes)."""
+    if self.events:
+      self.events.rewind(step)
     if not self.writer or not os.path.exists(self.path):
       return
     with open(self.path, encoding="utf-8") as f:
@@ -396,6 +400,8 @@ class _MetricsLog:
   def write(self, row: dict) -> None:
     if self.writer:
       appendlog.append(self.path, [row], "train.log")
+    if self.events:
+      self.events.append([(row["step"], row["time"], tensorboard.train_scalars(row))])
 
   def last(self) -> dict:
     """The newest complete row ({} if none), e.g. for a run that had already finished."""
@@ -459,7 +465,8 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
   config: the `train` and `checkpoint` sections of a validated run config, used as given.
   rows_by_source: {'en': rows, 'translated': rows, 'code_switched': rows} in the task schema
   (see train_data.rows_for_variant). Resumes from workdir/checkpoints when it holds a
-  checkpoint; a finished run returns at once. Writes workdir/train/metrics.jsonl. On SIGTERM
+  checkpoint; a finished run returns at once. Writes workdir/train/metrics.jsonl (and with
+  logging.tensorboard an event file beside it: stt_jax.tensorboard). On SIGTERM
   it saves and returns with preempted=True; on a non-finite loss it raises
   NonFiniteLossError and leaves the last good checkpoint in place.
   """
@@ -477,7 +484,8 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
       t=t, trainer=trainer, examples=examples, data=data, total=total,
       ckpts=checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), every=c.every,
                                    keep=c.keep, async_save=c.async_save),
-      log=_MetricsLog(os.path.join(workdir, "train", "metrics.jsonl")),
+      log=_MetricsLog(os.path.join(workdir, "train", "metrics.jsonl"),
+                      tensorboard.writer_on(config)),
       flops_per_token=(flops.flops_per_token(model_config, t.seq_len, t.method)
                        if model_config else None),
       peak_flops=flops.peak_flops(jax.devices()[0].device_kind, t.peak_flops),

@@ -8,10 +8,12 @@
                          cache/<task>_<lang>.part<host>.jsonl   resumable decode cache
     workdir/runs/<variant>/checkpoints/<step>/   Orbax (train stage; train.train's layout)
                            train/metrics.jsonl   one row per log step
+                           train/events.out.tfevents.stt_jax   the same, for TensorBoard
                            train_done.json       marker: final step and metrics
     workdir/eval/metrics.jsonl                   one row per (variant, step, task, lang, metric)
                  predictions/<variant>-<step>-<task>-<lang>.jsonl
                  parts/<variant>-<step>-<task>-<lang>/<host>.json   multi-host hand-over
+                 tensorboard/<variant>/events.out.tfevents.stt_jax   metrics, for TensorBoard
                  .lock                           one evaluator scores a checkpoint at a time
     workdir/exports/<variant>/merged/            HF folder of the final checkpoint (export stage)
                               adapter/           PEFT LoRA adapter (LoRA runs)
@@ -98,6 +100,10 @@ class Workdir:
   @property
   def eval_lock(self) -> str:
     return os.path.join(self.eval, ".lock")
+
+  def eval_tensorboard(self, variant: str) -> str:
+    """One TensorBoard run per variant (the base model too), beside the train runs' folders."""
+    return os.path.join(self.eval, "tensorboard", variant)
 
   def predictions(self, variant: str, step: int, task: str, lang: str) -> str:
     return os.path.join(self.eval, "predictions", f"{variant}-{step}-{task}-{lang}.jsonl")

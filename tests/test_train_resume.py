@@ -1,18 +1,22 @@
 """Kill -9 mid-run, resume, SIGTERM, resume again: the loss sequence equals an uninterrupted run
-bit for bit (LoRA with dropout, so the rng and the data position must resume too).
+bit for bit (LoRA with dropout, so the rng and the data position must resume too), and the
+TensorBoard event file beside the log holds each step once.
 
 Each run is a real subprocess (`python -m tests.test_train_resume MODEL WORKDIR`) on a
 2-device mesh; the runs share a persistent compilation cache so only the first compiles.
 """
 
+import glob
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
+from stt_jax import tensorboard
 from tests.test_train_helpers import read_metrics
 
 STEPS = 14
@@ -114,6 +118,13 @@ def test_kill_sigterm_resume_reproduces_uninterrupted_run(tmp_path_factory):
   for r in rows:
     want = reference[r["step"]]
     assert (r["loss"], r["grad_norm"], r["lr"]) == (want["loss"], want["grad_norm"], want["lr"]), r
+  # The TensorBoard events beside the log hold the same rows, each step once, in one file.
+  assert [os.path.basename(p) for p in glob.glob(str(run_dir / "train" / "*tfevents*"))] == [
+      tensorboard.FILE_NAME]
+  events = tensorboard.EventFile(run_dir / "train").scalars()
+  assert [step for step, _, _ in events] == [r["step"] for r in rows]
+  for (_, _, values), r in zip(events, rows):
+    assert values == {k: float(np.float32(v)) for k, v in tensorboard.train_scalars(r).items()}
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from stt_jax import appendlog, cli, faults, hosts, preflight, scoring, sharding
+from stt_jax import appendlog, cli, faults, hosts, preflight, scoring, sharding, tensorboard
 from stt_jax import train as train_lib
 from stt_jax.checkpoint import CheckpointError
 from stt_jax.models import load_hf
@@ -38,11 +38,17 @@ BASE = "base"
 
 
 class MetricsFile:
-  """Append-only eval/metrics.jsonl (fsync'd per checkpoint), and what it already holds."""
+  """Append-only eval/metrics.jsonl (fsync'd per checkpoint), and what it already holds; with
+  `events`, its rows as TensorBoard scalars too (eval/tensorboard/<variant>/), caught up at
+  once with rows a crash kept from them."""
 
-  def __init__(self, wd: Workdir):
+  def __init__(self, wd: Workdir, events: bool = False):
     self.dir, self.path, self.lock_path = wd.eval, wd.eval_metrics, wd.eval_lock
     os.makedirs(self.dir, exist_ok=True)
+    self.events_of = wd.eval_tensorboard if events else None
+    if self.events_of:
+      with self.lock():
+        tensorboard.sync_eval(appendlog.records(self.path), self.events_of)
 
   def scored(self, metric_names: Sequence[str]) -> set[tuple[str, int, str, str]]:
     """(variant, step, task, lang) keys that have a row for every one of `metric_names`; a
@@ -57,6 +63,8 @@ class MetricsFile:
     if rows:
       appendlog.cut_torn_tail(self.path)
       appendlog.append(self.path, rows, "eval.append")
+      if self.events_of:
+        tensorboard.sync_eval(appendlog.records(self.path), self.events_of)
 
   @contextlib.contextmanager
   def lock(self):
@@ -200,7 +208,7 @@ def run(cfg, wd: Workdir, tokenizer=None, *, wait: bool = True) -> int:
   """Scores what is pending; with `wait`, keeps polling until training has finished.
   Returns the number of (variant, step) checkpoints scored."""
   tokenizer = tokenizer or preflight.load_tokenizer(cfg.model.path)
-  metrics = MetricsFile(wd)
+  metrics = MetricsFile(wd, tensorboard.writer_on(cfg))
   mesh = sharding.local_mesh(cfg.mesh)
   scored = _score_base(cfg, wd, tokenizer, mesh, metrics) if cfg.eval.base_model else 0
   deadline = time.time() + cfg.eval.timeout_hours * 3600
