@@ -63,7 +63,8 @@ def test_tiny_all_stages_then_rerun_is_noop(tiny_model, tmp_path):
       (v, s) for v in ("zero_shot", "self_translate", "self_translate_cs") for s in (2, 4)]
                        for l in ("zh", "en")}
   assert set(keys.values()) == {1}  # accuracy only, once per (variant, step, lang)
-  for name in ("report.md", "report.csv", "report.png", "config.json",
+  for name in ("report.md", "report.csv", "report.png", "train_loss.png", "eval_curves.png",
+               "translation_filters.png", "config.json",
                "translations/xnli_zh.train.jsonl", "translations/xnli_zh.stats.json",
                "runs/self_translate/train_done.json"):
     assert os.path.isfile(os.path.join(workdir, name)), name
@@ -77,7 +78,8 @@ def test_tiny_all_stages_then_rerun_is_noop(tiny_model, tmp_path):
   after = _tree(workdir)
   changed = {k for k in after if before.get(k) != after[k]}
   # Only the report is rewritten; nothing is translated, trained or scored again.
-  assert changed <= {"report.md", "report.csv", "report.png"}, changed
+  assert changed <= {"report.md", "report.csv", "report.png", "train_loss.png",
+                     "eval_curves.png", "translation_filters.png"}, changed
   assert "already trained; skipping" in proc.stderr
   assert _metrics(workdir) == rows
 
