@@ -164,29 +164,38 @@ def curve_figure(data, style: Style, path: str, cols: int = 6) -> None:
   fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
   for r, c in {(r, c) for r in range(nrows) for c in range(ncols)} - {x[:2] for x in layout}:
     axes[r][c].remove()  # Past the last language of a row.
+  # Variants that score alike would hide each other: earlier ones are drawn wider, with
+  # larger markers of their own shape, so every line shows around the ones on top of it.
+  rank = {v: i for i, v in enumerate(style.variants(
+      v for langs in data.values() for variants in langs.values() for v in variants))}
   legend = {}
   for r, c, key, lang in layout:
     ax, (model, task, metric) = axes[r][c], key
     for v, d in data[key][lang].items():
-      color = style.color(v)
+      color, wide = style.color(v), len(rank) - 1 - rank[v]
+      mark = {"marker": "os^Dv<>P"[rank[v] % 8], "markersize": 4 + 1.5 * wide}
       if len(d["step"]) > 1:
         ax.fill_between(d["step"], d["ci_low"], d["ci_high"], color=color, alpha=0.15,
                         linewidth=0)
-        legend[v] = ax.plot(d["step"], d["value"], color=color, marker="o", markersize=3,
-                            label=v)[0]
+        legend[v] = ax.plot(d["step"], d["value"], color=color, linewidth=1.2 + 0.9 * wide,
+                            label=v, **mark)[0]
       else:
         y, lo, hi = d["value"][0], d["ci_low"][0], d["ci_high"][0]
         label = f"{v} (one step)"
         legend[label] = ax.errorbar(d["step"], d["value"], yerr=[[max(y - lo, 0)],
                                                                  [max(hi - y, 0)]],
-                                    color=color, marker="o", capsize=3, linestyle="none",
-                                    label=label)
+                                    color=color, capsize=3, linestyle="none", label=label,
+                                    **mark)
+    steps = sorted({s for d in data[key][lang].values() for s in d["step"]})
+    if len(steps) <= 8:
+      ax.set_xticks(steps)  # Tick the scored checkpoints themselves.
+    else:
+      ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     lows = [y for d in data[key].values() for c in d.values() for y in c["ci_low"]]
     highs = [y for d in data[key].values() for c in d.values() for y in c["ci_high"]]
     pad = 0.05 * (max(highs) - min(lows)) or 0.01
     ax.set_ylim(min(lows) - pad, max(highs) + pad)
     ax.set_title(f"{task} {lang}{f' — {model}' if len(models) > 1 else ''}", fontsize=10)
-    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
