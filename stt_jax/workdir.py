@@ -19,6 +19,7 @@
                               adapter/           PEFT LoRA adapter (LoRA runs)
                               export.json        marker: the checkpoint exported
     workdir/report.md, report.csv, report.png
+            train_loss.png, eval_curves.png, translation_filters.png   (report_figure)
 
 Stages ask this module for a path and never join names themselves, so the layout can change
 in one file. Task names are canonical (`get_task(name).name`), never aliases.
@@ -62,6 +63,12 @@ class Workdir:
     """kind: 'train' | 'cs' (jsonl rows), 'stats' | 'done' (json)."""
     ext = "jsonl" if kind in ("train", "cs") else "json"
     return os.path.join(self.translations, f"{task}_{lang}.{kind}.{ext}")
+
+  def translation_stats(self) -> list[str]:
+    """Every language's stats file (translate stage), sorted."""
+    folder, end = self.translations, ".stats.json"
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in names if n.endswith(end)]
 
   @property
   def translation_cache(self) -> str:
@@ -129,6 +136,10 @@ class Workdir:
   def report(self, ext: str) -> str:
     """ext: 'md' | 'csv' | 'png'."""
     return self.path(f"report.{ext}")
+
+  def report_figure(self, name: str) -> str:
+    """A picture beside report.md (stt_jax.report_plots names them)."""
+    return self.path(f"{name}.png")
 
 
 def read_json(path: str) -> Any:

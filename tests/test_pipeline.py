@@ -66,7 +66,8 @@ def test_tiny_all_stages_then_rerun_is_noop(tiny_model, tmp_path):
   # accuracy and lm_eval_acc (eval.lm_eval_compat), once per (variant, step, lang)
   assert set(keys.values()) == {2}
   assert {r["metric"] for r in rows} == {"accuracy", "lm_eval_acc"}
-  for name in ("report.md", "report.csv", "report.png", "config.json",
+  for name in ("report.md", "report.csv", "report.png", "train_loss.png", "eval_curves.png",
+               "translation_filters.png", "config.json",
                "translations/xnli_zh.train.jsonl", "translations/xnli_zh.stats.json",
                "runs/self_translate/train_done.json"):
     assert os.path.isfile(os.path.join(workdir, name)), name
@@ -80,7 +81,8 @@ def test_tiny_all_stages_then_rerun_is_noop(tiny_model, tmp_path):
   after = _tree(workdir)
   changed = {k for k in after if before.get(k) != after[k]}
   # Only the report is rewritten; nothing is translated, trained or scored again.
-  assert changed <= {"report.md", "report.csv", "report.png"}, changed
+  assert changed <= {"report.md", "report.csv", "report.png", "train_loss.png",
+                     "eval_curves.png", "translation_filters.png"}, changed
   assert "already trained; skipping" in proc.stderr
   assert _metrics(workdir) == rows
 

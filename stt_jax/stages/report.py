@@ -19,9 +19,12 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 
-from stt_jax import hosts
+import ml_collections
+
+from stt_jax import hosts, report_plots
+from stt_jax.run_config import model_label
 from stt_jax.tasks import TASKS
-from stt_jax.workdir import Workdir
+from stt_jax.workdir import Workdir, read_json
 
 PRIMARY = {"mgsm": "accuracy", "xquad": "f1", "xnli": "accuracy"}
 VARIANT_ORDER = ("base", "zero_shot", "self_translate", "self_translate_cs")
@@ -270,20 +273,32 @@ def _params(rows, model) -> float:
 
 
 def write_report(workdirs: Sequence[str], out_dir: str | None = None) -> str:
-  """Writes report.md, report.csv and report.png into out_dir (default: first workdir)."""
+  """Writes report.md, report.csv, report.png and the pictures of report_plots (training loss,
+  eval curves, translation filters) into out_dir (default: first workdir)."""
   rows = read_metrics(Workdir(w).eval_metrics for w in workdirs)
   out = Workdir(out_dir or workdirs[0])
   os.makedirs(out.root, exist_ok=True)
   md, csv_rows = table(rows)
   md += train_cuts(workdirs)
+  if rows:
+    plot(rows, out.report("png"))
+  runs, stats = {}, []
+  for wd in map(Workdir, workdirs):
+    cfg = read_json(wd.config)
+    name = (model_label(ml_collections.ConfigDict(cfg)) if cfg and "model" in cfg
+            else os.path.basename(wd.root))
+    name = f"{name} ({os.path.basename(wd.root)})" if name in runs else name
+    runs[name] = {v: read_metrics([wd.train_log(v)]) for v in wd.variants_trained()}
+    stats += [s for s in map(read_json, wd.translation_stats()) if s]
+  style = report_plots.Style(PRIMARY, VARIANT_ORDER, _color)
+  md += report_plots.write_figures(out.report_figure, style, rows, runs, stats,
+                                   out.report("png") if rows else None)
   with open(out.report("md"), "w", encoding="utf-8") as f:
-    f.write("# Self-Translate-Train results\n\n" + (md or "No metrics yet.\n"))
+    f.write("# Self-Translate-Train results\n\n" + (md if rows else "No metrics yet.\n" + md))
   buf = io.StringIO()
   csv.writer(buf).writerows(csv_rows)
   with open(out.report("csv"), "w", encoding="utf-8") as f:
     f.write(buf.getvalue())
-  if rows:
-    plot(rows, out.report("png"))
   return md
 
 
