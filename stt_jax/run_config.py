@@ -12,6 +12,7 @@ outside an enum, and out-of-range numbers each end as one line naming the key. T
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -185,6 +186,8 @@ def _train() -> ml_collections.ConfigDict:
   t.lora.alpha = 32.0  # Update scale is alpha / rank.
   t.lora.dropout = 0.05  # Dropout on the adapter input (training only).
   t.lora.targets = "all"  # Comma-separated projections (q_proj,...,down_proj) or 'all'.
+  t.lora.init_adapter = ""  # A PEFT adapter folder to start from (its r, alpha, dropout and
+                            # targets then replace the four above); "" = fresh adapters.
   t.lr = 2e-4  # Peak learning rate of AdamW.
   t.min_lr_ratio = 0.1  # Cosine decays to lr * min_lr_ratio at the last step.
   t.warmup_steps = 50  # Linear warmup from 0 to lr, in optimizer steps ...
@@ -404,6 +407,11 @@ def check_ranges(cfg) -> None:
   except ValueError as e:
     raise ConfigKeyError(f"config: train.{e}") from None
   check(t.lora.rank > 0, f"train.lora.rank must be positive, got {t.lora.rank}")
+  if t.lora.init_adapter:
+    check(t.method == "lora", "train.lora.init_adapter needs train.method='lora'")
+    check(os.path.isfile(os.path.join(t.lora.init_adapter, "adapter_config.json")),
+          f"train.lora.init_adapter={t.lora.init_adapter!r} has no adapter_config.json; give "
+          "the folder PEFT's save_pretrained wrote")
   check(0 <= t.lora.dropout < 1, f"train.lora.dropout must be in [0, 1), got {t.lora.dropout}")
   check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
   check(t.steps > 0 or t.epochs > 0, "set train.steps or train.epochs to a positive number")

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from stt_jax import appendlog, checkpoint, faults, flops, sharding, tensorboard, train_data
 from stt_jax.loss import token_loss_sum
-from stt_jax.models import hf_io, lora
+from stt_jax.models import hf_io, lora, peft_io
 from stt_jax.tasks import Task, get_task
 
 
@@ -359,8 +359,12 @@ def _prepare_model(model_or_path, t: ml_collections.ConfigDict, mesh: Mesh,
                                    may_alias=False))
   model.remat = bool(t.remat)
   if t.method == "lora" and not lora.has_lora(model):
-    lora.apply_lora(model, rank=t.lora.rank, alpha=t.lora.alpha, dropout=t.lora.dropout,
-                    targets=t.lora.targets, param_dtype=jnp.dtype(t.param_dtype), seed=t.seed)
+    if t.lora.get("init_adapter"):  # Training goes on from a PEFT adapter.
+      peft_io.load_peft(model, t.lora.init_adapter, seed=t.seed)
+    else:
+      lora.apply_lora(model, rank=t.lora.rank, alpha=t.lora.alpha, dropout=t.lora.dropout,
+                      targets=t.lora.targets, param_dtype=jnp.dtype(t.param_dtype),
+                      seed=t.seed)
   return model
 
 

@@ -14,6 +14,7 @@ import torch
 import transformers
 from flax import nnx
 
+from stt_jax import run_config, sharding, train
 from stt_jax.models import load_hf, lora, peft_io, safetensors_io
 from tests import hf_tiny
 
@@ -140,6 +141,16 @@ def test_peft_adapter_loads_onto_ours_with_peft_logits(folder, tmp_path):
   diff = np.abs(got - want).max()
   print(f"PEFT -> ours: max abs logit diff {diff:.2e}")
   assert diff < TOL
+  # What training starts from with train.lora.init_adapter (train.lora's own r is replaced).
+  cfg = run_config.get_config()
+  cfg.train.method, cfg.train.lora.rank, cfg.train.dtype = "lora", 16, "float32"
+  cfg.train.lora.init_adapter = str(tmp_path / "adapter")
+  run_config.validate(cfg)
+  start = train._prepare_model(folder, cfg.train, sharding.make_mesh(), scan=True)
+  np.testing.assert_allclose(_ours(start, ids), want, atol=TOL, rtol=0)
+  cfg.train.lora.init_adapter = str(tmp_path)
+  with pytest.raises(run_config.ConfigKeyError, match="has no adapter_config.json"):
+    run_config.validate(cfg)
 
 
 def test_scanned_and_unrolled_write_and_read_the_same_adapter(folder, tmp_path):
