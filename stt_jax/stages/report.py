@@ -128,16 +128,9 @@ def table(rows: Sequence[dict]) -> tuple[str, list[list]]:
     md.append("|---|" + "---|" * len(langs))
     cut_any = False
     for v in variants:
-      cells = []
-      for lang in langs:
-        key = (model, task, v, lang, metric)
-        if key not in best:
-          cells.append("—")
-          continue
-        cell, delta = _cell(best, key)
-        cut_any = cut_any or bool(best[key].get("truncated"))
-        cells.append(cell)
-        csv_rows.append(_csv_row(best, key, delta))
+      cells = _row_cells(best, [(model, task, v, lang, metric) for lang in langs], csv_rows)
+      cut_any = cut_any or any(best.get((model, task, v, lang, metric), {}).get("truncated")
+                               for lang in langs)
       md.append(f"| {v} | " + " | ".join(cells) + " |")
     ns = sorted({best[k].get("n") for k in keys if best[k].get("n") is not None})
     md.append(f"\nn = {', '.join(map(str, ns))} test items per language; brackets: bootstrap "
@@ -147,6 +140,19 @@ def table(rows: Sequence[dict]) -> tuple[str, list[list]]:
     if compat:
       md += _compat_table(best, model, task, compat, csv_rows)
   return "\n".join(md), csv_rows
+
+
+def _row_cells(best: dict, keys: Sequence[tuple], csv_rows: list) -> list[str]:
+  """A table row's cells ("—" where a key has no row); the rows shown also go to the CSV."""
+  cells = []
+  for key in keys:
+    if key not in best:
+      cells.append("—")
+      continue
+    cell, delta = _cell(best, key)
+    cells.append(cell)
+    csv_rows.append(_csv_row(best, key, delta))
+  return cells
 
 
 def _compat_metrics(best: dict, model: str, task: str) -> list[str]:
@@ -168,15 +174,7 @@ def _compat_table(best: dict, model: str, task: str, metrics: Sequence[str],
         "|---|---|" + "---|" * len(langs)]
   for metric in metrics:
     for v in variants:
-      cells = []
-      for lang in langs:
-        key = (model, task, v, lang, metric)
-        if key not in best:
-          cells.append("—")
-          continue
-        cell, delta = _cell(best, key)
-        cells.append(cell)
-        csv_rows.append(_csv_row(best, key, delta))
+      cells = _row_cells(best, [(model, task, v, lang, metric) for lang in langs], csv_rows)
       md.append(f"| {metric}{' (%)' if metric in FRACTIONS else ''} | {v} | "
                 + " | ".join(cells) + " |")
   md.append("\nThe same checkpoints and test items as the table above, scored under the "
