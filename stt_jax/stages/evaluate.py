@@ -59,9 +59,14 @@ class MetricsFile:
     return {k for k, names in have.items() if names >= set(metric_names)}
 
   def append(self, rows: Sequence[dict]) -> None:
-    """Appends whole rows; a torn last line left by a killed writer is cut off first."""
+    """Appends whole rows; a torn last line left by a killed writer is cut off first. A key
+    rescored because a kill left it incomplete keeps the rows it has: only the missing
+    metrics are written, so no metric appears twice."""
     if rows:
       appendlog.cut_torn_tail(self.path)
+      have = {_row_key(r) for r in appendlog.records(self.path)}
+      rows = [r for r in rows if _row_key(r) not in have]
+    if rows:
       appendlog.append(self.path, rows, "eval.append")
       if self.events_of:
         tensorboard.sync_eval(appendlog.records(self.path), self.events_of)
@@ -79,6 +84,10 @@ class MetricsFile:
         yield
       finally:
         fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _row_key(row: dict) -> tuple:
+  return row["variant"], int(row["step"]), row["task"], row["lang"], row["metric"]
 
 
 def metric_names(cfg, task) -> tuple[str, ...]:
