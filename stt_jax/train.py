@@ -28,12 +28,11 @@ import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -44,6 +43,9 @@ from stt_jax import appendlog, checkpoint, faults, flops, sharding, tensorboard,
 from stt_jax.loss import token_loss_sum
 from stt_jax.models import hf_io, lora, peft_io
 from stt_jax.tasks import Task, get_task
+
+if TYPE_CHECKING:  # Annotations only: the step imports without ml_collections (GPU images).
+  import ml_collections
 
 
 class NonFiniteLossError(RuntimeError):
