@@ -104,27 +104,28 @@ def run_ours(folder: str, args) -> dict:
           "params": cfg.num_params()}
 
 
-def run_torch(folder: str, args) -> dict:
+def torch_adamw(model, fused: bool = True):
+  """torch AdamW with our decay rule (matrices only); fused: one kernel pass per parameter
+  (torch's fastest AdamW on CPU and CUDA)."""
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(args.threads)
-  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-  model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-  model.train()
   decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
   no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-  # The fused CPU kernel is torch's fastest AdamW (one pass over each parameter).
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": DECAY},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=LR, fused=True)
-  total = args.warmup + args.steps
-  sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total) / LR)
-  b = make_batch(args.batch, args.seq, LLAMA100M["vocab_size"])
-  ids = torch.as_tensor(b.inputs, dtype=torch.long)
-  targets = torch.as_tensor(b.targets, dtype=torch.long)
-  mask = torch.as_tensor(b.loss_mask, dtype=torch.float32)
+  return torch.optim.AdamW([{"params": decay, "weight_decay": DECAY},
+                            {"params": no_decay, "weight_decay": 0.0}], lr=LR, fused=fused)
+
+
+def torch_step_fn(model, opt, sched, batch, dtype, device: str = "cpu"):
+  """One transformers training step on `batch` (a train_data.Batch): forward under autocast
+  to `dtype` (off for float32), target-token cross-entropy in float32, backward, global-norm
+  clipping, AdamW, schedule. Returns a function that runs it and returns the loss."""
+  import torch  # pylint: disable=g-import-not-at-top
+  ids = torch.as_tensor(batch.inputs, dtype=torch.long, device=device)
+  targets = torch.as_tensor(batch.targets, dtype=torch.long, device=device)
+  mask = torch.as_tensor(batch.loss_mask, dtype=torch.float32, device=device)
+  device_type = torch.device(device).type
 
   def step():
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+    with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
       logits = model(input_ids=ids).logits
     nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets,
                                             reduction="none")
@@ -135,6 +136,22 @@ def run_torch(folder: str, args) -> dict:
     opt.step()
     sched.step()
     return loss.item()
+
+  return step
+
+
+def run_torch(folder: str, args) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(args.threads)
+  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+  model.train()
+  opt = torch_adamw(model)
+  total = args.warmup + args.steps
+  sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total) / LR)
+  step = torch_step_fn(model, opt, sched,
+                       make_batch(args.batch, args.seq, LLAMA100M["vocab_size"]), dtype)
 
   times, cpu, losses = [], [], []
   for i in range(args.warmup + args.steps):
