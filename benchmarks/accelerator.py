@@ -74,7 +74,7 @@ SHAPES = {
                        tie_word_embeddings=True),
 }
 FULL = dict(decode_shape="llama2-7b", train_shape="llama3.2-1b", prompt=256, new=128,
-            batches="1,8,64", train_batch=8, seq=1024, repeats=3, steps=5, warmup=2)
+            batches="1,8,64", train_batch=8, seq=1024, repeats=2, steps=5, warmup=2)
 SMOKE = dict(decode_shape="tiny-decode", train_shape="tiny-train", prompt=16, new=16,
              batches="1,4", train_batch=2, seq=32, repeats=2, steps=2, warmup=1)
 
