@@ -354,12 +354,15 @@ def torch_device(smoke: bool) -> str:
   return "cpu" if smoke else "cuda"
 
 
-def hf_model(name: str, dtype, device: str):
+def hf_model(name: str, dtype, device: str, attention: str):
   """LlamaForCausalLM with random weights made on `device` in `dtype` (default dtype switched
-  for the construction, so no float32 copy of a bf16 model is ever made)."""
+  for the construction, so no float32 copy of a bf16 model is ever made). The attention
+  implementation is named: a model built from a config, not from_pretrained, gets eager
+  attention in some transformers 4.x releases."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  config = transformers.LlamaConfig(**{k: v for k, v in SHAPES[name].items()
+  config = transformers.LlamaConfig(attn_implementation=attention,
+                                    **{k: v for k, v in SHAPES[name].items()
                                        if k not in ("architectures", "model_type")})
   previous = torch.get_default_dtype()
   torch.set_default_dtype(dtype)
@@ -392,7 +395,7 @@ def decode_torch(child: Child) -> None:
   env = torch_env(args.smoke)
   device = torch_device(args.smoke)
   start = time.perf_counter()
-  model = hf_model(s["decode_shape"], torch.bfloat16, device).eval()
+  model = hf_model(s["decode_shape"], torch.bfloat16, device, args.hf_attention).eval()
   sync(device)
   init = {"init_s": round(time.perf_counter() - start, 2)}
   attn = model.config._attn_implementation  # pylint: disable=protected-access
@@ -489,7 +492,7 @@ def train_torch(child: Child) -> None:
 
   def case():
     start = time.perf_counter()
-    model = hf_model(s["train_shape"], torch.float32, device).train()
+    model = hf_model(s["train_shape"], torch.float32, device, args.hf_attention).train()
     opt = train_bench.torch_adamw(model, fused=True)
     total = s["warmup"] + s["steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -542,7 +545,8 @@ def run_child(args) -> None:
 
 def child_command(args, phase: str, side: str, deadline: float, hlo_dir: str | None) -> list:
   cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{phase}:{side}",
-         "--deadline", str(deadline), "--attention", args.attention]
+         "--deadline", str(deadline), "--attention", args.attention,
+         "--hf_attention", args.hf_attention]
   if args.smoke:
     cmd.append("--smoke")
   if hlo_dir:
@@ -766,13 +770,10 @@ def run_parent(args) -> None:
       got = run_phase(args, phase, side, cap, tmp, log_dir)
       result["cases"] += got.pop("cases")
       result["phases"][key] = got
-      result["summary"] = summarize(result["cases"], s, args)
-      result["wall_s"] = round(time.time() - start, 1)
-      write_json(out_path, result)
-  result["summary"] = summarize(result["cases"], s, args)
-  result["wall_s"] = round(time.time() - start, 1)
-  write_json(out_path, result)
-  print_table(result["summary"])
+      finish(result, s, args, start, out_path)
+  finish(result, s, args, start, out_path)
+  if "rows" in result["summary"]:
+    print_table(result["summary"])
   for key, p in result["phases"].items():
     if p.get("hlo"):
       print(f"{key}: attention kernels: {p['hlo']['attention_ran']} {p['hlo']['kernels']}")
@@ -781,6 +782,18 @@ def run_parent(args) -> None:
     raise SystemExit("smoke run: some case failed or was skipped (see above)")
   if args.smoke and len(result["cases"]) < len(phases):
     raise SystemExit("smoke run: a phase produced no case (see above)")
+
+
+def finish(result: dict, s: dict, args, start: float, out_path: str) -> None:
+  """Summary and wall time into `result`, written to `out_path` (the cases are kept even if
+  the summary fails)."""
+  try:
+    result["summary"] = summarize(result["cases"], s, args)
+  except Exception as e:  # pylint: disable=broad-except
+    result["summary"] = {"error": _error(e)}
+    traceback.print_exc()
+  result["wall_s"] = round(time.time() - start, 1)
+  write_json(out_path, result)
 
 
 def write_json(path: str, result: dict) -> None:
@@ -797,6 +810,8 @@ def main(argv=None):
   parser.add_argument("--attention", default="auto",
                       help="auto|xla|cudnn|splash, passed to CausalLM(attention=) when it has "
                            "that switch")
+  parser.add_argument("--hf_attention", default="sdpa",
+                      help="transformers attn_implementation (sdpa, eager, flash_attention_2)")
   parser.add_argument("--budget_s", type=float, default=420.0,
                       help="wall-clock budget; phases and cases that no longer fit are skipped")
   parser.add_argument("--min_phase_s", type=float, default=45.0,
