@@ -184,8 +184,9 @@ class CompileMeter:
 
 def attention_kwargs(cls, requested: str) -> tuple[dict, str]:
   """`attention=requested` for the constructor when it has that switch, and a note for the
-  JSON saying whether it was passed."""
-  if "attention" in inspect.signature(cls).parameters:
+  JSON saying whether it was passed. (`__init__`'s signature: an nnx.Module class's own is
+  its metaclass's `(*args, **kwargs)`.)"""
+  if "attention" in inspect.signature(cls.__init__).parameters:
     return {"attention": requested}, f"attention={requested!r} passed to {cls.__name__}"
   note = f"{cls.__name__} has no attention= switch (its one implementation ran)"
   if requested != "auto":

@@ -41,6 +41,24 @@ def test_decode_bytes_per_step_llama2_7b():
   assert need["kv_bytes"] == 2 * 32 * 4096 * 2 * (256 + 127 / 2)
 
 
+def test_attention_switch_passed_only_when_the_constructor_has_it():
+  from flax import nnx
+
+  class WithSwitch(nnx.Module):
+    def __init__(self, config, *, attention: str = "auto"):
+      self.attention = attention
+
+  class Without(nnx.Module):
+    def __init__(self, config):
+      pass
+
+  kwargs, note = accelerator.attention_kwargs(WithSwitch, "cudnn")
+  assert kwargs == {"attention": "cudnn"} and "passed" in note
+  assert accelerator.model_attention(WithSwitch(None, **kwargs)) == "cudnn"
+  kwargs, note = accelerator.attention_kwargs(Without, "cudnn")
+  assert kwargs == {} and "ignored" in note
+
+
 @pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
   (tmp_path / "sitecustomize.py").write_text(BLOCKER)
