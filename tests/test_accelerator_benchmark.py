@@ -35,6 +35,21 @@ def test_train_settings_are_run_config_defaults():
     assert accelerator.TRAIN[key] == t[key], key
 
 
+@pytest.mark.parametrize("name", ["llama2-7b", "llama3.2-1b"])
+def test_full_shapes_have_the_same_parameters_on_both_sides(name):
+  """Our model and transformers' built from the same SHAPES entry (abstract / meta device)."""
+  import torch
+  from flax import nnx
+  from stt_jax.models import hf_io
+  config = accelerator.model_config(name)
+  ours = nnx.state(hf_io.abstract_model(config, "bfloat16"), nnx.Param)
+  ours_count = sum(v.get_value().size for _, v in nnx.to_flat_state(ours))
+  with torch.device("meta"):
+    hf = accelerator.hf_model(name, torch.bfloat16, "meta", "sdpa")
+  assert ours_count == config.num_params() == sum(p.numel() for p in hf.parameters())
+  assert hf.config.tie_word_embeddings == config.tie_word_embeddings
+
+
 def test_decode_bytes_per_step_llama2_7b():
   need = accelerator.decode_bytes_per_step(accelerator.model_config("llama2-7b"), 256, 128)
   assert need["weight_bytes"] == 2 * (6_738_415_616 - 32000 * 4096)  # HF's parameter count
