@@ -728,7 +728,7 @@ def print_table(summary: dict) -> None:
       if r["batch"] == 1:
         lines.append(("", "HBM roofline", fmt(r.get("ours_roofline"), ".1%"),
                       fmt(r.get("hf_roofline"), ".1%"), "",
-                      f"roofline step {fmt(r.get('roofline_step_ms'), '.2f')} ms", ""))
+                      f"roofline step {fmt(r.get('roofline_step_ms'), '.3g')} ms", ""))
     else:
       lines.append((r["case"], "step s", fmt(r["ours_step_s"], ".3f"), fmt(r["hf_step_s"], ".3f"),
                     fmt(r.get("ratio"), ".2f"), "", ""))
