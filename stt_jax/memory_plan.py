@@ -4,6 +4,7 @@
     python -m stt_jax.memory_plan --config=configs/mgsm_th.py --chip=v5e-8
     python -m stt_jax.memory_plan --config=configs/mgsm_th.py --chip=v4-8 \
         --config.train.method=full
+    python -m stt_jax.memory_plan --config=configs/mgsm_th.py --all_chips  # full + LoRA
 
 Exact where the arrays are known: parameters, gradients and AdamW moments are the bytes of
 the model's own variables (the abstract model, LoRA adapters applied as training applies
@@ -258,6 +259,30 @@ def table(cfg, chip: Chip) -> str:
   return "\n".join(lines)
 
 
+def chips_table(cfg) -> str:
+  """One row per chip x train.method (full, lora): GiB per device of each training part and
+  the total of each stage, with the verdict."""
+  gib = lambda n: f"{n / GIB:.2f}" if n else "-"
+  head = ("chip (devices)", "method", "params / frozen base", "adapters", "AdamW", "grads",
+          "FSDP gather", "activations", "train", "translate", "eval")
+  lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for chip in CHIPS.values():
+    for method in ("full", "lora"):
+      trial = cfg.copy_and_resolve_references()
+      trial.train.method = method
+      p = plan(trial, chip)
+      tr = p["train"]
+      mark = lambda st: gib(st["total"]) + ("" if st["fits"] == "yes" else
+                                            " tight" if st["fits"] == "tight" else " **no**")
+      ev = max(p["eval_base"], p["eval_trained"], key=lambda st: st["total"])
+      lines.append("| " + " | ".join([
+          f"{chip.name} ({chip.devices} x {chip.hbm / GIB:.0f} GiB)", method,
+          gib(tr["params"] or tr["frozen_base"]), gib(tr["adapters"]), gib(tr["optimizer"]),
+          gib(tr["gradients"]), gib(tr["fsdp_gather"]), gib(tr["activations"]), mark(tr),
+          mark(p["translate"]), mark(ev)]) + " |")
+  return "\n".join(lines)
+
+
 def advice(cfg, chip: Chip) -> list[str]:
   """What to change for each stage that does not fit (under HEADROOM): the smallest
   train.grad_accum that fits (micro-batches still split over data x fsdp), the most decode
@@ -289,10 +314,23 @@ def advice(cfg, chip: Chip) -> list[str]:
     if rows >= 1:
       out.append(f"{name}: --config.{key}={rows * dp} ({rows} per device)")
     else:
-      out.append(f"{name}: not one slot at full context fits beside the weights; raise "
-                 "mesh.tensor (decoding splits weights and KV heads over it) or set "
-                 "model.kv_dtype narrower")
+      out.append(f"{name}: not one slot at full context fits beside the weights; "
+                 + _tensor_advice(cfg, chip, name))
   return out
+
+
+def _tensor_advice(cfg, chip: Chip, stage: str) -> str:
+  """The smallest mesh.tensor (fsdp = the rest) under which `stage` fits: decoding splits
+  the weights and the KV heads over it (training then splits heads and MLP over it too)."""
+  size = cfg.mesh.tensor * 2
+  while size <= chip.devices:
+    if chip.devices % size == 0:
+      trial = cfg.copy_and_resolve_references()
+      trial.mesh.data, trial.mesh.fsdp, trial.mesh.tensor = 1, -1, size
+      if plan(trial, chip)[stage]["fits"] == "yes":
+        return f"--config.mesh.fsdp=-1 --config.mesh.tensor={size}"
+    size *= 2
+  return "no mesh.tensor fits; use a chip with more memory"
 
 
 def train_plan_total(cfg, chip: Chip) -> int:
@@ -306,6 +344,9 @@ def main(argv) -> None:
   from stt_jax import run_config  # pylint: disable=g-import-not-at-top
   cfg = flags.FLAGS.config
   run_config.validate(cfg)
+  if flags.FLAGS.all_chips:
+    print(chips_table(cfg))
+    return
   chip = CHIPS[flags.FLAGS.chip]
   print(table(cfg, chip))
   for line in advice(cfg, chip):
@@ -318,6 +359,7 @@ def _flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
                                   lock_config=True)
   flags.DEFINE_enum("chip", "v5e-8", list(CHIPS), "TPU slice to plan for.")
+  flags.DEFINE_bool("all_chips", False, "One summary row per chip x train.method instead.")
   flags.mark_flags_as_required(["config"])
 
 

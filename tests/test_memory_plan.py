@@ -112,6 +112,13 @@ def test_table_names_the_chip_and_what_to_change():
   assert "JAX sees 8 devices" in text and "| train |" in text and "| eval_trained |" in text
   advice = memory_plan.advice(cfg, memory_plan.CHIPS["v5e-8"])
   assert any(a.startswith("train: --config.train.grad_accum=") for a in advice)
+  assert any("--config.mesh.tensor=2" in a for a in advice)  # Decoding: weights + one slot.
+  cfg.mesh.tensor = 2
+  assert all(s["fits"] == "yes" for s in memory_plan.plan(cfg, memory_plan.CHIPS["v5e-8"]).values()
+             if "weights" in s)
+  rows = memory_plan.chips_table(cfg).splitlines()[2:]
+  assert len(rows) == 2 * len(memory_plan.CHIPS) and "| v4-8 (4 x 32 GiB) | full |" in rows[0]
+  cfg.mesh.tensor = 1
   fits = memory_plan.plan(cfg, memory_plan.CHIPS["v5p-8"])
   assert fits["translate"]["fits"] == "yes"
   np.testing.assert_equal(sorted(memory_plan.CHIPS), ["v4-8", "v5e-8", "v5p-8", "v6e-8"])
