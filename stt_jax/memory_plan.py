@@ -1,5 +1,6 @@
 """Per-device memory plan of a run on a TPU slice: training (full or LoRA) and decoding
 (translate, eval), from the run config and the model's shape, before any machine is rented.
+Pipeline side, like preflight and budgets: it reads a run config.
 
     python -m stt_jax.memory_plan --config=configs/mgsm_th.py --chip=v5e-8
     python -m stt_jax.memory_plan --config=configs/mgsm_th.py --chip=v4-8 \
