@@ -143,7 +143,7 @@ def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *
       raise ValueError(f"eval.method='loglik' needs a task with label words; {task.name} has "
                        "none (use 'generate')")
     predictions = task.rank_labels(rows, loglik_fn(model, tokenizer, batch_size, mesh,
-                                                   kv_dtype))
+                                                   kv_dtype=kv_dtype))
     stopped = None
   elif method == "generate":
     prompts = [task.format_prompt(r) for r in rows]
@@ -160,7 +160,8 @@ def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *
   names = task.metric_names
   if lm_eval_compat:
     # Built on first use: only tasks whose compat metrics rank continuations need it.
-    score_fn = lambda p, c: loglik_fn(model, tokenizer, batch_size, mesh, kv_dtype)(p, c)
+    score_fn = lambda p, c: loglik_fn(model, tokenizer, batch_size, mesh,
+                                      kv_dtype=kv_dtype)(p, c)
     choices = task.rank_compat_choices(rows, score_fn)
     names += task.compat_metric_names
   per_example = example_scores(task, predictions, rows, choices, lm_eval_compat)
