@@ -48,7 +48,8 @@ case "$cmd" in
     config=${1:?config}; workdir=${2:?workdir}; shift 2
     module=stt_jax.main; [ "$cmd" = eval ] && module=stt_jax.evaluate
     extra=""; for a in "$@"; do extra+=" $(quote "$a")"; done  # Quoted for the remote shell.
-    ssh_all "cd ~/stt_jax && . .venv/bin/activate && python -m $module $(quote "--config=$config") $(quote "--workdir=$workdir")$extra" ;;
+    flags="$(quote "--config=$config") $(quote "--workdir=$workdir")$extra"
+    ssh_all "cd ~/stt_jax && . .venv/bin/activate && python -m $module $flags" ;;
   delete)
     gc compute tpus tpu-vm delete "$TPU" --zone "$ZONE" --quiet ;;
   *) echo "usage: $0 [--dry-run] create|install|run|eval|delete" >&2; exit 2 ;;

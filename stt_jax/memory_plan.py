@@ -178,8 +178,9 @@ def train_plan(cfg, chip: Chip) -> dict:
 def decode_plan(cfg, chip: Chip, slots: int, trained: bool = False) -> dict:
   """Per-device bytes of decoding with `slots` engine slots (the inference layout: weights
   over `tensor` only). The KV cache is planned as preflight plans it: every slot at the
-  model's full context (a slot's capacity plus the shared prefix never exceed it). trained: a fine-tuned checkpoint (weights in
-  train.dtype, LoRA adapters in train.param_dtype), else the base model (model.param_dtype)."""
+  model's full context (a slot's capacity plus the shared prefix never exceed it).
+  trained: a fine-tuned checkpoint (weights in train.dtype, LoRA adapters in
+  train.param_dtype), else the base model (model.param_dtype)."""
   config, _ = model_config(cfg)
   sizes = sharding.mesh_sizes({a: cfg.mesh[a] for a in sharding.MESH_AXES}, chip.devices)
   t = cfg.train

@@ -45,7 +45,8 @@ CHOICES = {
     "stages": STAGES, "variants": VARIANTS, "task.name": TASKS,
     "train.method": TRAIN_METHODS, "eval.method": ("generate", "loglik"),
     "eval.checkpoints": ("all", "final"), "model.dtype": DTYPES, "train.dtype": DTYPES,
-    "train.param_dtype": DTYPES, "model.kv_dtype": ("",) + DTYPES, "task.data_source": ("auto", "local", "hf", "tfds"),
+    "train.param_dtype": DTYPES, "task.data_source": ("auto", "local", "hf", "tfds"),
+    "model.kv_dtype": ("",) + DTYPES,
     "translate.truncate": ("left", "error"),
     "translate.filters.enabled": translate_filters.REASONS,
 }
