@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stt_jax import decode, engine, loss, sharding
+from stt_jax import engine, loss, sharding
 from stt_jax.models import hf_io, lora
 from stt_jax.models.config import ModelConfig
 
