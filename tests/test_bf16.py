@@ -1,7 +1,8 @@
-"""bf16 where an accelerator wants it: training computes in bfloat16 (every matmul of the
-train step), keeps float32 master weights, gradients and AdamW moments, stores LoRA's frozen
-base in bfloat16; decoding a fully fine-tuned checkpoint restores its weights in bfloat16
-(the compute dtype), with the same logits as the float32 master copy."""
+"""bf16 where an accelerator wants it: training computes in bfloat16 (every forward matmul;
+the attention scores' two backward dots are a strict xfail below), keeps float32 master
+weights, gradients and AdamW moments, stores LoRA's frozen base in bfloat16; decoding a fully
+fine-tuned checkpoint restores its weights in bfloat16 (the compute dtype), with the same
+logits as the float32 master copy in the same layout."""
 
 import jax
 import jax.extend
