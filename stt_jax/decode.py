@@ -214,13 +214,14 @@ def stop_step(tok, recent, matched, stop_mask, stop_seqs, stop_table):
   return recent, jnp.maximum(nxt_state, 0), stop
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
+                                          "kv_dtype"))
 def _decode_batch(graphdef, state, prefix, prefix_mask, ids, mask, key, temperature, top_p,
                   stop_mask, stop_seqs, stop_table, *, max_new_tokens: int, greedy: bool,
-                  top_k: int):
+                  top_k: int, kv_dtype):
   """Prefill `prefix` [1, C] once and `ids` [B, P] (left padded) after it, then decode up to
   `max_new_tokens` on device. A shared few-shot prefix is computed once, not B times; C = 0
-  means no shared prefix.
+  means no shared prefix. The KV cache holds keys and values in `kv_dtype`.
 
   Returns (tokens [B, max_new_tokens] with -1 after a row stopped, lengths [B], stopped [B]:
   the row ended by EOS or a stop, not by the budget).
@@ -233,7 +234,7 @@ def _decode_batch(graphdef, state, prefix, prefix_mask, ids, mask, key, temperat
   total = c + p + max_new_tokens
   offset = jnp.sum(prefix_mask, dtype=jnp.int32)
   if c:
-    one = KVCache.zeros(model.config, 1, total, model.dtype)
+    one = KVCache.zeros(model.config, 1, total, kv_dtype)
     _, one = model.forward_cached(prefix, prefix_mask, positions_from_mask(prefix_mask), one,
                                   last_only=True)
     cache = KVCache(
@@ -241,7 +242,7 @@ def _decode_batch(graphdef, state, prefix, prefix_mask, ids, mask, key, temperat
         v=sharding.constrain(jnp.repeat(one.v, b, axis=1), model.mesh, KV_CACHE_AXES),
         valid=jnp.repeat(one.valid, b, axis=0), index=one.index)
   else:
-    cache = KVCache.zeros(model.config, b, total, model.dtype, model.mesh)
+    cache = KVCache.zeros(model.config, b, total, kv_dtype, model.mesh)
   logits, cache = model.forward_cached(ids, mask, offset + positions_from_mask(mask), cache,
                                        last_only=True)
   first = select(logits[:, -1], jax.random.fold_in(key, 0))
@@ -310,11 +311,15 @@ def shared_prefix_len(prompts: Sequence[Sequence[int]], minimum: int = MIN_SHARE
 
 
 class Decoder:
-  """Decodes token-id prompts with a model; keeps its compiled buckets across calls."""
+  """Decodes token-id prompts with a model; keeps its compiled buckets across calls.
+
+  kv_dtype: the KV cache's dtype (default the model's compute dtype).
+  """
 
   def __init__(self, model: CausalLM, batch_size: int = 8, mesh=None, max_len: int | None = None,
-               share_prefix: bool = True):
+               share_prefix: bool = True, kv_dtype=None):
     self.model = model
+    self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     self.share_prefix = share_prefix
     self.mesh = mesh if mesh is not None else model.mesh
     self.batch_size = batch_size
@@ -377,7 +382,8 @@ class Decoder:
         rng,
         jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p),
         jnp.asarray(stop.token_mask), jnp.asarray(stop.sequences), jnp.asarray(stop.table),
-        max_new_tokens=max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k)
+        max_new_tokens=max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k,
+        kv_dtype=self.kv_dtype)
     out, lengths, stopped = np.asarray(out), np.asarray(lengths), np.asarray(stopped)
     results = []
     for r in range(n):

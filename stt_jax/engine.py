@@ -76,10 +76,13 @@ def _pick(logits, keys, count, temperature, top_p, *, greedy: bool, top_k: int):
   return jax.vmap(jax.random.categorical)(row_keys, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prefix_program(graphdef, state, ids, length):
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv_dtype"))
+def _prefix_program(graphdef, state, ids, length, *, kv_dtype):
+  """The shared prefix's KV, computed at the model's dtype and stored in `kv_dtype`."""
   model: CausalLM = nnx.merge(graphdef, state)
-  return model.prefill_prefix(ids, length)
+  prefix = model.prefill_prefix(ids, length)
+  return PrefixCache(k=prefix.k.astype(kv_dtype), v=prefix.v.astype(kv_dtype),
+                     length=prefix.length)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k"),
@@ -179,13 +182,15 @@ class Engine:
   prefill_chunk: prompt tokens per prefill call, several prompts packed end to end (rounded
   up to a multiple of the batch split); refill_rows: while prompts wait, a decode call ends
   once enough slots are idle for the next prompts to fill a prefill call, but never waits
-  for more than `refill_rows` (default slots // 2).
+  for more than `refill_rows` (default slots // 2); kv_dtype: the slot and prefix caches'
+  dtype (default the model's compute dtype; keys and values are rounded to it when written).
   """
 
   def __init__(self, model: CausalLM, slots: int = 8, mesh=None, steps_per_call: int = 16,
                prefill_chunk: int = 128, refill_rows: int | None = None,
-               max_len: int | None = None, share_prefix: bool = True):
+               max_len: int | None = None, share_prefix: bool = True, kv_dtype=None):
     self.model = model
+    self.kv_dtype = jnp.dtype(kv_dtype or model.dtype)
     self.mesh = mesh if mesh is not None else model.mesh
     split = 1
     if self.mesh is not None:
@@ -230,12 +235,13 @@ class Engine:
     c = self.prefix_len
     if not tokens:
       shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, c, cfg.head_dim)
-      zeros = sharding.constrain(jnp.zeros(shape, self.model.dtype), self.mesh, PREFIX_AXES)
+      zeros = sharding.constrain(jnp.zeros(shape, self.kv_dtype), self.mesh, PREFIX_AXES)
       return PrefixCache(k=zeros, v=zeros, length=jnp.int32(0))
     ids = np.zeros((1, c), np.int32)
     ids[0, :len(tokens)] = tokens
     self._note_compile("prefix", (c,))
-    return _prefix_program(self.graphdef, self.state, jnp.asarray(ids), jnp.int32(len(tokens)))
+    return _prefix_program(self.graphdef, self.state, jnp.asarray(ids), jnp.int32(len(tokens)),
+                           kv_dtype=self.kv_dtype)
 
   # ---------------------------------------------------------------- the loop
 
@@ -265,7 +271,7 @@ class Engine:
         max(len(s) + b for s, b in zip(suffixes, budgets)), 32))
     prefix = self._prefix(prompts[0][:shared])
     cfg = self.model.config
-    cache = SlotCache.zeros(cfg, self.slots, self.capacity, self.model.dtype, self.mesh)
+    cache = SlotCache.zeros(cfg, self.slots, self.capacity, self.kv_dtype, self.mesh)
     n_stops, n_states = stop.table.shape[:2]
     slots = SlotState.idle(self.slots, stop.sequences.shape[1], n_stops)
     consts = dict(stop_mask=jnp.asarray(stop.token_mask), stop_seqs=jnp.asarray(stop.sequences),

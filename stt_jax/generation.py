@@ -32,12 +32,14 @@ def generate_stream(model: CausalLM, tokenizer, prompts: Sequence[str], *,
                     seed: int = 0, batch_size: int = 8, mesh=None, truncate: str = "error",
                     add_special_tokens: bool = True, progress: bool = True,
                     engine: Engine | None = None, desc: str = "decode",
-                    details: bool = False) -> Iterator[tuple[int, str | Completion]]:
+                    details: bool = False, kv_dtype=None
+                    ) -> Iterator[tuple[int, str | Completion]]:
   """Yields (prompt index, completion text) as generations finish (any order), with a tqdm
   bar (items/s, tokens/s, slot use, ETA). `batch_size` is the number of slots when no
-  `engine` is given. details=True yields (prompt index, Completion): also the generated
-  token count and whether the row stopped (False = it used its whole budget: truncated)."""
-  engine = engine or Engine(model, slots=batch_size, mesh=mesh)
+  `engine` is given, `kv_dtype` its KV cache's dtype (default the model's compute dtype).
+  details=True yields (prompt index, Completion): also the generated token count and whether
+  the row stopped (False = it used its whole budget: truncated)."""
+  engine = engine or Engine(model, slots=batch_size, mesh=mesh, kv_dtype=kv_dtype)
   ids = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
   criteria = decode.stop_criteria(tokenizer, model.config, stop)
   sampling = Sampling(temperature, top_k, top_p, seed)
@@ -72,11 +74,11 @@ def generate_tokens(model: CausalLM, prompts: Sequence[Sequence[int]],
                     stop_sequences: Sequence[Sequence[int]] = (), temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
                     mesh=None, truncate: str = "error", engine: Engine | None = None,
-                    ) -> list[list[int]]:
+                    kv_dtype=None) -> list[list[int]]:
   """Token-level variant: generated ids per prompt, in order (a final EOS/stop token kept)."""
   eos_ids = model.config.eos_token_id if eos_ids is None else eos_ids
   criteria = StopCriteria.build(model.config.vocab_size, eos_ids, stop_token_ids, stop_sequences)
-  engine = engine or Engine(model, slots=batch_size, mesh=mesh)
+  engine = engine or Engine(model, slots=batch_size, mesh=mesh, kv_dtype=kv_dtype)
   out: list[list[int]] = [[] for _ in prompts]
   for i, ids, _ in engine.generate(prompts, max_new_tokens, criteria,
                                    Sampling(temperature, top_k, top_p, seed), truncate):

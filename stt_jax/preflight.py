@@ -149,7 +149,8 @@ def check_batch(cfg, mesh_shape) -> None:
 def inference_plan(cfg, mesh=None) -> dict:
   """Per-device bytes of decoding (translate, eval) in the inference layout: the weights'
   shards (over mesh.tensor only) and a KV cache of the larger decode batch at full context,
-  each placed as the loader and the decoder place them (sharding.named_sharding)."""
+  each placed as the loader and the decoder place them (sharding.named_sharding); the cache
+  in model.kv_dtype ('' = model.dtype)."""
   import math  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -170,9 +171,11 @@ def inference_plan(cfg, mesh=None) -> dict:
   kv_shape = (config.num_hidden_layers, max(cfg.translate.batch_size, cfg.eval.batch_size),
               config.num_key_value_heads, config.max_position_embeddings, config.head_dim)
   kv_shard = shard(kv_shape, KV_CACHE_AXES)  # Keys and values alike.
-  kv = 2 * math.prod(kv_shard) * jnp.dtype(cfg.model.dtype).itemsize
+  kv_dtype = jnp.dtype(cfg.model.kv_dtype or cfg.model.dtype)
+  kv = 2 * math.prod(kv_shard) * kv_dtype.itemsize
   return {"weights": int(weights), "kv_cache": int(kv), "rows": int(kv_shard[1]),
-          "positions": config.max_position_embeddings, "mesh": dict(mesh.shape)}
+          "positions": config.max_position_embeddings, "mesh": dict(mesh.shape),
+          "kv_dtype": kv_dtype.name}
 
 
 def check_inference_memory(cfg, device_memory: int | None = None, mesh=None) -> dict:
@@ -186,8 +189,8 @@ def check_inference_memory(cfg, device_memory: int | None = None, mesh=None) -> 
   gib = lambda n: f"{n / 2**30:.2f} GiB"
   need = plan["weights"] + plan["kv_cache"]
   logging.info("preflight: decoding per device (inference layout, mesh %s): %s weights + %s "
-               "KV cache (%d rows x %d positions)%s", plan["mesh"], gib(plan["weights"]),
-               gib(plan["kv_cache"]), plan["rows"], plan["positions"],
+               "%s KV cache (%d rows x %d positions)%s", plan["mesh"], gib(plan["weights"]),
+               gib(plan["kv_cache"]), plan["kv_dtype"], plan["rows"], plan["positions"],
                f" of {gib(device_memory)}" if device_memory else "")
   if device_memory and need > device_memory:
     m = cfg.mesh
@@ -196,8 +199,8 @@ def check_inference_memory(cfg, device_memory: int | None = None, mesh=None) -> 
         f"config: {setting}: decoding needs {gib(plan['weights'])} of weights + "
         f"{gib(plan['kv_cache'])} of KV cache per device (weights split over mesh.tensor="
         f"{plan['mesh']['tensor']} only), more than the {gib(device_memory)} a device has; "
-        "raise mesh.tensor (e.g. --config.mesh.tensor=4) or lower translate.batch_size and "
-        "eval.batch_size")
+        "raise mesh.tensor (e.g. --config.mesh.tensor=4), lower translate.batch_size and "
+        "eval.batch_size, or store the cache narrower (--config.model.kv_dtype=bfloat16)")
   return plan
 
 

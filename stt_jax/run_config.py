@@ -46,6 +46,7 @@ CHOICES = {
     "train.method": TRAIN_METHODS, "eval.method": ("generate", "loglik"),
     "eval.checkpoints": ("all", "final"), "model.dtype": DTYPES, "train.dtype": DTYPES,
     "train.param_dtype": DTYPES, "task.data_source": ("auto", "local", "hf", "tfds"),
+    "model.kv_dtype": ("",) + DTYPES,
     "translate.truncate": ("left", "error"),
     "translate.filters.enabled": translate_filters.REASONS,
 }
@@ -87,6 +88,9 @@ def _model() -> ml_collections.ConfigDict:
   m.name = ""  # Label in reports (default: the folder's name).
   m.dtype = "bfloat16"  # Compute dtype for translation and evaluation (float32 on CPU).
   m.param_dtype = ""  # Storage dtype for translation/evaluation ('' = model.dtype).
+  # Keys/values of the decode KV cache ('' = the decoding model's compute dtype: model.dtype,
+  # train.dtype for a fine-tuned checkpoint). bfloat16 halves the cache of a float32 model.
+  m.kv_dtype = ""
   # Layers as one stacked module run under lax.scan (one layer compiled, not num_layers):
   # much faster compiles, same numbers. False unrolls them (the tree of earlier checkpoints;
   # a checkpoint restores only into the layout it was trained in).

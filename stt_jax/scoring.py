@@ -33,18 +33,20 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0,
   return float(lo), float(hi)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _continuation_logprobs(graphdef, state, ids, mask, conts, cont_mask, score_mask):
+@functools.partial(jax.jit, static_argnames=("graphdef", "kv_dtype"))
+def _continuation_logprobs(graphdef, state, ids, mask, conts, cont_mask, score_mask, *,
+                           kv_dtype):
   """Log-likelihood of each continuation after its prompt, the prompt computed once.
 
   ids/mask: [B, P] left-padded prompts; conts/cont_mask: [M, B, C] right-padded continuations
   (M per prompt); score_mask: [M, B, C] the continuation tokens that count (a continuation may
   start with prompt tokens, see `loglik_fn`). Returns [M, B] sums of log p(scored token).
+  The prompts' KV cache holds keys and values in `kv_dtype`.
   """
   model = nnx.merge(graphdef, state)
   b, p = ids.shape
   c = conts.shape[-1]
-  cache = KVCache.zeros(model.config, b, p + c, model.dtype, model.mesh)
+  cache = KVCache.zeros(model.config, b, p + c, kv_dtype, model.mesh)
   last, cache = model.forward_cached(ids, mask, positions_from_mask(mask), cache, last_only=True)
   start = jnp.sum(mask, axis=-1, dtype=jnp.int32)[:, None]
 
@@ -59,7 +61,7 @@ def _continuation_logprobs(graphdef, state, ids, mask, conts, cont_mask, score_m
   return jax.lax.map(one, (conts, cont_mask, score_mask))
 
 
-def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None):
+def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None, kv_dtype=None):
   """A `score_fn(prompts, continuations) -> log-likelihoods` over a JAX model.
 
   Each prompt + continuation is tokenized as one text and the continuation's tokens are those
@@ -67,9 +69,11 @@ def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None):
   SentencePiece dummy prefix '▁' before the continuation; a token across the boundary counts
   as continuation). A prompt repeated with several continuations (XNLI's three labels) is run
   once, up to the prompt tokens all its continuations share; each continuation then reads its
-  KV cache. Power-of-two lengths keep compilations few.
+  KV cache (in `kv_dtype`, default the model's compute dtype). Power-of-two lengths keep
+  compilations few.
   """
   graphdef, state = nnx.split(model)
+  kv_dtype = jnp.dtype(kv_dtype or model.dtype)
   mesh = mesh if mesh is not None else model.mesh
 
   def score(prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
@@ -108,7 +112,7 @@ def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None):
         row = sharding.named_sharding(mesh, ("batch", None), ids.shape)
         col = sharding.named_sharding(mesh, (None, "batch", None), conts.shape)
         args = [jax.device_put(a, row if a.ndim == 2 else col) for a in args]
-      scores = np.asarray(_continuation_logprobs(graphdef, state, *args))
+      scores = np.asarray(_continuation_logprobs(graphdef, state, *args, kv_dtype=kv_dtype))
       for r, p in enumerate(chunk):
         for j, i in enumerate(groups[p]):
           out[i] = float(scores[j, r])
@@ -119,7 +123,8 @@ def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None):
 
 def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *,
                 method: str = "generate", batch_size: int = 8, max_new_tokens: int = 256,
-                mesh=None, desc: str = "eval", lm_eval_compat: bool = False) -> dict:
+                mesh=None, desc: str = "eval", lm_eval_compat: bool = False,
+                kv_dtype=None) -> dict:
   """Metrics of `model` on `rows`: {metrics: {name: (value, lo, hi)}, n, seconds, predictions,
   stopped, truncated, choices}.
 
@@ -129,14 +134,16 @@ def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *
   a score lowered by a too-small budget shows in the report.
   lm_eval_compat: also the task's `compat_metric_names` (the rules of lm-eval-harness and
   MLQA tables); where they rank continuations (XNLI) that is one more log-likelihood pass,
-  and choices[i] is the index it picked (else choices is None).
+  and choices[i] is the index it picked (else choices is None). kv_dtype: the KV caches'
+  dtype (default the model's compute dtype).
   """
   start = time.perf_counter()
   if method == "loglik":
     if not hasattr(task, "rank_labels"):
       raise ValueError(f"eval.method='loglik' needs a task with label words; {task.name} has "
                        "none (use 'generate')")
-    predictions = task.rank_labels(rows, loglik_fn(model, tokenizer, batch_size, mesh))
+    predictions = task.rank_labels(rows, loglik_fn(model, tokenizer, batch_size, mesh,
+                                                   kv_dtype=kv_dtype))
     stopped = None
   elif method == "generate":
     prompts = [task.format_prompt(r) for r in rows]
@@ -144,7 +151,8 @@ def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *
     stopped = [True] * len(rows)
     for i, done in generation.generate_stream(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-        stop=task.stop_sequences, batch_size=batch_size, mesh=mesh, desc=desc, details=True):
+        stop=task.stop_sequences, batch_size=batch_size, mesh=mesh, desc=desc, details=True,
+        kv_dtype=kv_dtype):
       predictions[i], stopped[i] = done.text, done.stopped
   else:
     raise ValueError(f"eval.method={method!r}; use 'generate' or 'loglik'")
@@ -152,7 +160,8 @@ def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *
   names = task.metric_names
   if lm_eval_compat:
     # Built on first use: only tasks whose compat metrics rank continuations need it.
-    score_fn = lambda p, c: loglik_fn(model, tokenizer, batch_size, mesh)(p, c)
+    score_fn = lambda p, c: loglik_fn(model, tokenizer, batch_size, mesh,
+                                      kv_dtype=kv_dtype)(p, c)
     choices = task.rank_compat_choices(rows, score_fn)
     names += task.compat_metric_names
   per_example = example_scores(task, predictions, rows, choices, lm_eval_compat)

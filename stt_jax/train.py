@@ -342,12 +342,13 @@ def _prepare_model(model_or_path, t: ml_collections.ConfigDict, mesh: Mesh,
   """Loads (or copies) the model onto the mesh and adds LoRA adapters if configured.
 
   From a path, weights are read straight into their shards: with LoRA the frozen base is kept
-  in the compute dtype (no master copy is needed), with full training in param_dtype; `scan`
-  is model.scan_layers (stacked, scanned layers). A model object is copied (the caller's is
-  left untouched) and placed on the mesh as built, in its own layout.
+  in the compute dtype (no master copy is needed), with full training in param_dtype, except
+  in the 'inference' layout (decoding a trained model), where no master copy is needed
+  either; `scan` is model.scan_layers (stacked, scanned layers). A model object is copied
+  (the caller's is left untouched) and placed on the mesh as built, in its own layout.
   """
   if isinstance(model_or_path, (str, os.PathLike)):
-    base_dtype = t.dtype if t.method == "lora" else t.param_dtype
+    base_dtype = t.dtype if t.method == "lora" or layout == "inference" else t.param_dtype
     model, _ = hf_io.load_hf(model_or_path, mesh=mesh, dtype=t.dtype, param_dtype=base_dtype,
                              layout=layout, scan_layers=scan)
   else:
@@ -629,11 +630,22 @@ def weights_target(model: str | os.PathLike | nnx.Module, t: ml_collections.Conf
   as `train` prepares and splits it. The trainable values it was built with are dropped (a
   checkpoint replaces them); the frozen ones are placed as the Trainer places them (layout
   'train'), or over `tensor` only (layout 'inference', for decoding: sharding.LAYOUTS).
-  scan: model.scan_layers, for a model given by path."""
+  scan: model.scan_layers, for a model given by path.
+
+  In the 'inference' layout fully fine-tuned weights are restored in the compute dtype
+  (train.dtype), not as the float32 master copy: every layer casts its weights to the compute
+  dtype before use, so the numbers are the same and a 7B model needs 13.5 GB per copy, not 27.
+  LoRA adapters stay as trained (they are small)."""
   graphdef, params, frozen = split_trainable(_prepare_model(model, t, mesh, layout, scan),
                                              t.method)
   frozen = jax.device_put(nnx.to_pure_dict(frozen), _shardings(frozen, mesh, layout))
-  return graphdef, abstract_params(params, mesh, layout), frozen
+  target = abstract_params(params, mesh, layout)
+  if layout == "inference" and t.method == "full":
+    compute = jnp.dtype(t.dtype)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape, compute if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
+        sharding=a.sharding), target)
+  return graphdef, target, frozen
 
 
 def load_trained(model: str | os.PathLike | nnx.Module, workdir: str | os.PathLike, config,

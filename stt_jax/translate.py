@@ -209,10 +209,13 @@ class Translator:
   a runaway row stops at its own budget, and its slot is refilled at once.
   """
 
-  def __init__(self, model, tokenizer, cfg, mesh=None):
+  def __init__(self, model, tokenizer, cfg, mesh=None, kv_dtype=None):
+    """cfg: the translate section; kv_dtype: the engine's KV cache (run config model.kv_dtype;
+    default the model's compute dtype)."""
     self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
     self.engine = Engine(model, slots=cfg.batch_size, mesh=mesh,
-                         steps_per_call=cfg.steps_per_call, prefill_chunk=cfg.prefill_chunk)
+                         steps_per_call=cfg.steps_per_call, prefill_chunk=cfg.prefill_chunk,
+                         kv_dtype=kv_dtype)
 
   def budget(self, source: str) -> int:
     return segment_budget(self.cfg,

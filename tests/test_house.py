@@ -17,8 +17,8 @@ PACKAGE = ROOT / "stt_jax"
 # The pipeline: the run config, the run folder, the stages and the entry points on top of the
 # library. Everything else in stt_jax/ is library and must not import these.
 PIPELINE = ("stt_jax.main", "stt_jax.cli", "stt_jax.evaluate", "stt_jax.run_config",
-            "stt_jax.workdir", "stt_jax.preflight", "stt_jax.budgets", "stt_jax.supervisor",
-            "stt_jax.stages")
+            "stt_jax.workdir", "stt_jax.preflight", "stt_jax.budgets", "stt_jax.memory_plan",
+            "stt_jax.supervisor", "stt_jax.stages")
 # What a model module may import besides stt_jax.models itself: no stage, task or pipeline.
 MODEL_MAY_IMPORT = ("stt_jax.models", "stt_jax.sharding", "stt_jax.appendlog", "stt_jax.faults")
 

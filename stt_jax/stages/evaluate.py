@@ -117,7 +117,8 @@ def score_model(model, tokenizer, cfg, variant: str, step: int, wd: Workdir, mes
                               batch_size=cfg.eval.batch_size,
                               max_new_tokens=cfg.eval.max_new_tokens, mesh=mesh,
                               desc=f"eval {variant}@{step} {lang}",
-                              lm_eval_compat=cfg.eval.lm_eval_compat)
+                              lm_eval_compat=cfg.eval.lm_eval_compat,
+                              kv_dtype=cfg.model.kv_dtype or None)
     stopped = res["stopped"] or [None] * len(mine)  # None: loglik, nothing generated.
     choices = res["choices"] or [None] * len(mine)  # The compat pass's pick (XNLI), if any.
     gathered = _gather_predictions(

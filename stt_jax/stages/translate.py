@@ -105,8 +105,8 @@ def translate_task(model, tokenizer, task_name: str, lang: str, cfg, workdir: os
   cache = tl.TranslationCache(wd.translation_cache, name, index)
 
   mine = todo[index::count]
-  speed = _decode_missing(tl.Translator(model, tokenizer, tcfg, mesh), cache, ident, pairs,
-                          mine, tcfg, f"translate {name}")
+  translator = tl.Translator(model, tokenizer, tcfg, mesh, kv_dtype=cfg.model.kv_dtype or None)
+  speed = _decode_missing(translator, cache, ident, pairs, mine, tcfg, f"translate {name}")
   stats = {"task": task.name, "lang": lang, "model": ident[0], "prompt": ident[1],
            "hosts": count, "host": index,
            "segments": {"total": len(segments), "decode": len(todo),
