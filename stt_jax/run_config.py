@@ -48,6 +48,7 @@ CHOICES = {
     "train.param_dtype": DTYPES, "task.data_source": ("auto", "local", "hf", "tfds"),
     "translate.truncate": ("left", "error"),
     "translate.filters.enabled": translate_filters.REASONS,
+    "model.attention": ("auto", "xla", "cudnn", "splash", "einsum"),
 }
 
 
@@ -91,6 +92,10 @@ def _model() -> ml_collections.ConfigDict:
   # much faster compiles, same numbers. False unrolls them (the tree of earlier checkpoints;
   # a checkpoint restores only into the layout it was trained in).
   m.scan_layers = True
+  # Attention kernel of training and full-sequence scoring (decoding always uses einsum):
+  # auto = splash on TPU, cudnn on GPU (bf16/fp16), else xla; einsum = the dense reference.
+  # See models/attention.py and docs/train.md.
+  m.attention = "auto"
   return m
 
 

@@ -1,0 +1,155 @@
+"""Attention kernels (model.attention): xla and splash (Pallas interpret mode on CPU) give the
+dense einsum reference's logits, loss and gradients for every real token, with left and right
+padding, packed rows (segment ids), GQA and per-layer sliding windows, scanned and unrolled,
+with and without remat, and sharded on the 8-device mesh; `auto` picks per platform and an
+impossible request is one line naming model.attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from stt_jax import run_config, sharding
+from stt_jax.models import attention, load_hf
+from stt_jax.models.config import ModelConfig
+from stt_jax.models.decoder import CausalLM
+from tests import hf_tiny
+
+L = 12
+# GQA (4 heads over 2 KV heads); layer 0 full attention, layer 1 a window of 3.
+CONFIG = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=64, hidden_size=32,
+                     intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, qkv_bias=True,
+                     sliding_windows=(None, 3))
+
+
+def _batch():
+  """Row 0 left padded (4 pads), row 1 right padded (3 pads), row 2 packed: segments 1, 2, 3
+  and 2 pads (segment 0), positions restarting per segment."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, 64, size=(3, L)).astype(np.int32)
+  mask = np.ones((3, L), bool)
+  mask[0, :4] = False
+  mask[1, -3:] = False
+  seg = np.zeros((3, L), np.int32)
+  seg[:2] = mask[:2]
+  seg[2] = [1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 0, 0]
+  mask[2] = seg[2] > 0
+  pos = np.zeros((3, L), np.int32)
+  for r in range(3):
+    starts = np.r_[0, np.flatnonzero(np.diff(seg[r])) + 1]
+    for a, b in zip(starts, np.r_[starts[1:], L]):
+      pos[r, a:b] = np.arange(b - a) if seg[r, a] else 0
+  return jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos), jnp.asarray(seg)
+
+
+def _loss(model, ids, mask, pos, seg):
+  logits = model(ids, mask, pos, segment_ids=seg)
+  logp = jax.nn.log_softmax(logits[:, :-1])
+  tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+  weight = mask[:, 1:] & (seg[:, 1:] == seg[:, :-1])
+  return -jnp.sum(tok * weight) / jnp.sum(weight), logits
+
+
+def _run(impl, scan=True, remat=False, mesh=None):
+  """(logits at real tokens, loss, flat grads) of the model under `impl`."""
+  model = CausalLM(CONFIG, rngs=nnx.Rngs(0), scan_layers=scan, attention=impl, mesh=mesh)
+  model.remat = remat
+  batch = _batch()
+  if mesh is not None:
+    batch = [jax.device_put(x, sharding.named_sharding(mesh, ("batch", None), x.shape))
+             for x in batch]
+  (loss, logits), grads = nnx.value_and_grad(_loss, has_aux=True)(model, *batch)
+  real = np.asarray(batch[1])
+  flat = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(grads)}
+  return np.asarray(logits)[real], float(loss), flat
+
+
+def _diffs(got, want):
+  logits = np.abs(got[0] - want[0]).max()
+  grads = max(np.abs(got[2][k] - want[2][k]).max() for k in want[2])
+  return logits, abs(got[1] - want[1]), grads
+
+
+@pytest.fixture(scope="module")
+def reference():
+  return {scan: _run("einsum", scan) for scan in (True, False)}
+
+
+@pytest.mark.parametrize("impl,scan,remat", [("xla", True, False), ("xla", False, True),
+                                             ("splash_interpret", True, True),
+                                             ("splash_interpret", False, False)])
+def test_kernel_matches_reference(reference, impl, scan, remat):
+  logits, loss, grads = _diffs(_run(impl, scan, remat), reference[scan])
+  print(f"{impl} scan={scan} remat={remat}: logits {logits:.2e} loss {loss:.2e} "
+        f"grads {grads:.2e}")
+  assert logits < 1e-5 and loss < 1e-6 and grads < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash_interpret"])
+def test_kernel_sharded_matches_reference(reference, impl):
+  """Batch over data x fsdp and KV heads over tensor (splash runs under shard_map)."""
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  logits, loss, grads = _diffs(_run(impl, mesh=mesh), reference[True])
+  assert logits < 1e-5 and loss < 1e-6 and grads < 1e-5
+
+
+def test_reference_equals_dense_segment_mask():
+  """The kernels' structured mask (pads in their own segment) is the reference's dense mask
+  on every real query."""
+  _, mask, _, seg = _batch()
+  segs = attention.Segments.from_mask(mask, seg, "einsum")
+  for window in (None, 3):
+    dense = np.asarray(attention.segment_mask(segs.segment_ids, window))
+    idx = np.arange(L)
+    want = (idx[None, :] <= idx[:, None])[None] & np.asarray(mask)[:, None, :]
+    want &= np.asarray(seg)[:, :, None] == np.asarray(seg)[:, None, :]
+    if window:
+      want &= (idx[None, :] > idx[:, None] - window)[None]
+    np.testing.assert_array_equal(dense[np.asarray(mask)], want[np.asarray(mask)])
+
+
+def test_decode_keeps_dense_path():
+  """A kernel model's greedy cached decode (dense path) equals its full forward (kernel)."""
+  model = CausalLM(CONFIG, rngs=nnx.Rngs(0), attention="xla")
+  ids, mask, pos, _ = _batch()
+  from stt_jax.models.decoder import KVCache  # pylint: disable=g-import-not-at-top
+  cache = KVCache.zeros(CONFIG, 1, L)
+  cached, _ = model.forward_cached(ids[:1], mask[:1], pos[:1], cache)
+  full = model(ids[:1], mask[:1], pos[:1])
+  real = np.asarray(mask[0])
+  np.testing.assert_allclose(np.asarray(cached)[0][real], np.asarray(full)[0][real], atol=1e-5)
+
+
+@pytest.mark.parametrize("platform,dtype,head_dim,want", [
+    ("cpu", "float32", 64, "xla"), ("cpu", "bfloat16", 64, "xla"),
+    ("tpu", "bfloat16", 64, "splash"), ("gpu", "bfloat16", 128, "cudnn"),
+    ("gpu", "float32", 128, "xla"), ("gpu", "bfloat16", 12, "xla")])
+def test_auto_picks_per_platform(platform, dtype, head_dim, want):
+  assert attention.resolve("auto", dtype, head_dim, platform) == want
+
+
+@pytest.mark.parametrize("requested,platform,dtype,words", [
+    ("cudnn", "cpu", "bfloat16", "needs a GPU"), ("cudnn", "gpu", "float32", "bfloat16"),
+    ("splash", "gpu", "bfloat16", "TPU kernel"), ("flash", "cpu", "float32", "one of")])
+def test_impossible_request_is_one_line(requested, platform, dtype, words):
+  with pytest.raises(attention.AttentionError) as e:
+    attention.resolve(requested, dtype, 64, platform)
+  msg = str(e.value)
+  assert "\n" not in msg and "model.attention" in msg and words in msg
+  assert "; use " in msg
+
+
+def test_cudnn_on_cpu_model_fails_at_construction():
+  with pytest.raises(attention.AttentionError, match=r"model.attention='cudnn'.*GPU"):
+    CausalLM(CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), attention="cudnn")
+
+
+def test_run_config_key_and_load_hf(tmp_path):
+  cfg = run_config.get_config()
+  assert cfg.model.attention == "auto"
+  assert set(run_config.CHOICES["model.attention"]) == set(attention.IMPLEMENTATIONS)
+  folder = hf_tiny.make_tiny("qwen2", str(tmp_path / "m"))
+  assert load_hf(folder, attention="einsum")[0].attention == "einsum"
+  assert load_hf(folder)[0].attention == "xla"  # auto on CPU.
