@@ -95,19 +95,23 @@ def test_kernel_sharded_matches_reference(reference, impl):
   assert logits < 1e-5 and loss < 1e-6 and grads < 1e-5
 
 
-def test_reference_equals_dense_segment_mask():
-  """The kernels' structured mask (pads in their own segment) is the reference's dense mask
-  on every real query."""
-  _, mask, _, seg = _batch()
-  segs = attention.Segments.from_mask(mask, seg, "einsum")
+@pytest.mark.parametrize("packed", [True, False])
+def test_segments_equal_dense_mask(packed):
+  """The kernels' structured mask (pad keys in their own segment) is the reference's dense
+  mask for every real query, and for right-padding queries too when unpacked."""
+  _, mask, _, seg = [np.asarray(x) for x in _batch()]
+  segs = attention.Segments.from_mask(jnp.asarray(mask), jnp.asarray(seg) if packed else None,
+                                      "einsum")
+  idx = np.arange(L)
   for window in (None, 3):
-    dense = np.asarray(attention.segment_mask(segs.segment_ids, window))
-    idx = np.arange(L)
-    want = (idx[None, :] <= idx[:, None])[None] & np.asarray(mask)[:, None, :]
-    want &= np.asarray(seg)[:, :, None] == np.asarray(seg)[:, None, :]
+    dense = np.asarray(attention.segment_mask(segs.q_segment_ids, segs.segment_ids, window))
+    want = (idx[None, :] <= idx[:, None])[None] & mask[:, None, :]
+    if packed:
+      want &= seg[:, :, None] == seg[:, None, :]
     if window:
       want &= (idx[None, :] > idx[:, None] - window)[None]
-    np.testing.assert_array_equal(dense[np.asarray(mask)], want[np.asarray(mask)])
+    rows = mask | ((not packed) & (np.cumsum(mask, axis=1) > 0))
+    np.testing.assert_array_equal(dense[rows], want[rows])
 
 
 def test_decode_keeps_dense_path():
@@ -153,3 +157,15 @@ def test_run_config_key_and_load_hf(tmp_path):
   folder = hf_tiny.make_tiny("qwen2", str(tmp_path / "m"))
   assert load_hf(folder, attention="einsum")[0].attention == "einsum"
   assert load_hf(folder)[0].attention == "xla"  # auto on CPU.
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash_interpret"])
+def test_right_padding_queries_match_reference(impl):
+  """Unpacked right padding: even the padding positions' logits are the reference's (HF's);
+  for splash, those whose window (3) holds no real token excepted (an all-masked row: the
+  reference averages every value, splash the values its blocks visit)."""
+  ids, mask, _, _ = _batch()  # Row 1: 9 real tokens, 3 pads.
+  want = CausalLM(CONFIG, rngs=nnx.Rngs(0), attention="einsum")(ids[1:2], mask[1:2])
+  got = CausalLM(CONFIG, rngs=nnx.Rngs(0), attention=impl)(ids[1:2], mask[1:2])
+  upto = L if impl == "xla" else 9 + 3 - 1
+  np.testing.assert_allclose(np.asarray(got)[:, :upto], np.asarray(want)[:, :upto], atol=1e-5)

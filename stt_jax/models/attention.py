@@ -21,10 +21,13 @@ Full-sequence self-attention (training, the loss, log-likelihood scoring: every
 - `auto`: TPU -> splash; GPU -> cudnn when the dtype and head_dim allow, else xla; CPU ->
   xla. The choice is logged once.
 
-Padding and packing reach the kernels as segment ids: a token sees the earlier tokens of its
-own segment (and, with a window w, only the last w of them: HF's q - w < k). Padding tokens
-sit in a segment of their own (-1), so every real token attends exactly as with the dense
-mask and no row is empty (a pad sees itself: no NaN reaches the gradients).
+Padding and packing reach the kernels as segment ids, one per query and one per key: a query
+sees the earlier keys of its own segment (and, with a window w, only the last w of them: HF's
+q - w < k). Padding keys sit in a segment of their own (-1), so every real token attends
+exactly as with the dense mask. Padding queries: after a row's real tokens (right padding,
+unpacked) they read the real tokens, as the dense mask and HF do, so even their logits match;
+before them (left padding) and in packed rows they read the padding (a finite row where the
+dense mask has an all-masked one; no NaN reaches the gradients).
 
 Cached prefill keeps the dense path: its queries sit at a traced offset (`cache.index`) of a
 longer cache whose validity is a traced mask, and splash masks are static. The engine's packed
@@ -115,17 +118,20 @@ def _cudnn_unfit(dtype, head_dim: int) -> str | None:
   return None
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("segment_ids", "window_index"),
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("segment_ids", "q_segment_ids",
+                                                         "window_index"),
                    meta_fields=("implementation", "window", "windows"))
 @dataclasses.dataclass(frozen=True)
 class Segments:
   """The mask of full-sequence causal self-attention in structured form.
 
-  segment_ids: [B, L] int32, PAD_SEGMENT for padding; `implementation` a resolved name;
-  window: a static sliding window (None: full), or, for layers scanned together whose windows
-  differ, `window_index` (a traced int32) into the static `windows`."""
+  segment_ids: [B, L] int32, each key's segment (PAD_SEGMENT for padding); q_segment_ids
+  [B, L] each query's; `implementation` a resolved name; window: a static sliding window
+  (None: full), or, for layers scanned together whose windows differ, `window_index` (a traced
+  int32) into the static `windows`."""
 
   segment_ids: jax.Array
+  q_segment_ids: jax.Array
   implementation: str
   window: int | None = None
   window_index: jax.Array | None = None
@@ -135,9 +141,13 @@ class Segments:
   def from_mask(cls, attention_mask: jax.Array, segment_ids: jax.Array | None,
                 implementation: str) -> Segments:
     """attention_mask [B, L] (1 = real token) and optional packing ids [B, L]."""
-    seg = (jnp.zeros(attention_mask.shape, jnp.int32) if segment_ids is None
-           else segment_ids.astype(jnp.int32))
-    return cls(jnp.where(attention_mask, seg, PAD_SEGMENT), implementation)
+    attention_mask = attention_mask.astype(jnp.bool_)
+    if segment_ids is None:
+      keys = jnp.where(attention_mask, 0, PAD_SEGMENT)
+      after_real = jnp.cumsum(attention_mask, axis=1) > 0  # Right padding reads the row.
+      return cls(keys, jnp.where(after_real, 0, PAD_SEGMENT), implementation)
+    keys = jnp.where(attention_mask, segment_ids.astype(jnp.int32), PAD_SEGMENT)
+    return cls(keys, keys, implementation)
 
   def for_window(self, window: int | None) -> Segments:
     return dataclasses.replace(self, window=window, window_index=None, windows=())
@@ -163,26 +173,28 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: Segments, *,
 def _causal_static(q, k, v, *, mask: Segments, window: int | None, soft_cap, mesh):
   impl = mask.implementation
   if impl == "einsum":
-    return dense(q, k, v, segment_mask(mask.segment_ids, window)[:, None], soft_cap=soft_cap)
+    dense_mask = segment_mask(mask.q_segment_ids, mask.segment_ids, window)[:, None]
+    return dense(q, k, v, dense_mask, soft_cap=soft_cap)
   if impl in ("xla", "cudnn"):
     if soft_cap is not None:
       raise _error(impl, "jax.nn.dot_product_attention has no logit soft-cap",
                    "use model.attention=einsum (or splash on TPU)")
-    return _jax_nn(q, k, v, mask.segment_ids, window, impl)
+    return _jax_nn(q, k, v, mask.q_segment_ids, mask.segment_ids, window, impl)
   if impl in ("splash", "splash_interpret"):
-    return _splash(q, k, v, mask.segment_ids, window, soft_cap, mesh=mesh,
+    return _splash(q, k, v, mask.q_segment_ids, mask.segment_ids, window, soft_cap, mesh=mesh,
                    interpret=impl == "splash_interpret")
   raise _error(impl, "not a resolved implementation", "pass it through attention.resolve")
 
 
-def segment_mask(segment_ids: jax.Array, window: int | None = None) -> jax.Array:
+def segment_mask(q_segment_ids: jax.Array, segment_ids: jax.Array,
+                 window: int | None = None) -> jax.Array:
   """Dense [B, L, L] bool: causal, same segment, inside the window (q - window < k)."""
   l = segment_ids.shape[1]
   idx = jnp.arange(l)
   causal_ = idx[None, :] <= idx[:, None]
   if window is not None:
     causal_ &= idx[None, :] > idx[:, None] - window
-  return causal_[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return causal_[None] & (q_segment_ids[:, :, None] == segment_ids[:, None, :])
 
 
 def dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
@@ -210,13 +222,13 @@ def _pad_length(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _jax_nn(q, k, v, segment_ids, window, impl):
+def _jax_nn(q, k, v, q_seg, kv_seg, window, impl):
   l = q.shape[1]
   if impl == "cudnn":  # cuDNN's training kernels with a bias need even lengths.
     q, k, v = _pad_length(q, 1, 2), _pad_length(k, 2, 2), _pad_length(v, 2, 2)
-    segment_ids = _pad_length(segment_ids, 1, 2, PAD_SEGMENT - 1)
-  seg = segment_ids
-  mask = (seg[:, :, None] == seg[:, None, :])[:, None]  # [B, 1, L, L]
+    q_seg = _pad_length(q_seg, 1, 2, PAD_SEGMENT - 1)
+    kv_seg = _pad_length(kv_seg, 1, 2, PAD_SEGMENT - 1)
+  mask = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None]  # [B, 1, L, L]
   out = jax.nn.dot_product_attention(
       q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask, is_causal=True,
       local_window_size=None if window is None else (window - 1, 0), implementation=impl)
@@ -244,7 +256,7 @@ def _splash_kernel(length: int, groups: int, window: int | None, soft_cap: float
                               interpret=interpret)
 
 
-def _splash(q, k, v, segment_ids, window, soft_cap, *, mesh, interpret):
+def _splash(q, k, v, q_seg, kv_seg, window, soft_cap, *, mesh, interpret):
   b, l, h, d = q.shape
   kh = k.shape[1]
   g = h // kh
@@ -252,25 +264,27 @@ def _splash(q, k, v, segment_ids, window, soft_cap, *, mesh, interpret):
   q = _pad_length(q, 1, SPLASH_BLOCK)
   k, v = _pad_length(k, 2, SPLASH_BLOCK), _pad_length(v, 2, SPLASH_BLOCK)
   # The padded tail is one more segment: it sees only itself, the real tokens never see it.
-  seg = _pad_length(segment_ids, 1, SPLASH_BLOCK, PAD_SEGMENT - 1)
+  q_seg = _pad_length(q_seg, 1, SPLASH_BLOCK, PAD_SEGMENT - 1)
+  kv_seg = _pad_length(kv_seg, 1, SPLASH_BLOCK, PAD_SEGMENT - 1)
   lp = q.shape[1]
   q = q.reshape(b, lp, kh, g, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, D]
 
-  def run(q, k, v, seg):
+  def run(q, k, v, q_seg, kv_seg):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # pylint: disable=g-import-not-at-top
     kernel = _splash_kernel(lp, g, window, soft_cap, interpret)
 
-    def one(qg, kk, vv, s):  # [G, L, D], [L, D], [L, D], [L]
-      return kernel(qg, kk, vv, segment_ids=sk.SegmentIds(q=s, kv=s))
+    def one(qg, kk, vv, sq, skv):  # [G, L, D], [L, D], [L, D], [L], [L]
+      return kernel(qg, kk, vv, segment_ids=sk.SegmentIds(q=sq, kv=skv))
 
-    per_head = jax.vmap(one, in_axes=(0, 0, 0, None))  # Over KV heads.
-    return jax.vmap(per_head)(q, k, v, seg)  # Over the batch.
+    per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))  # Over KV heads.
+    return jax.vmap(per_head)(q, k, v, q_seg, kv_seg)  # Over the batch.
 
   if mesh is not None:  # A Pallas call is not partitioned by XLA: shard it by hand.
     spec = lambda axes, x: sharding.logical_to_spec(axes, x.shape, mesh)
     q_spec = spec(("batch", "act_kv_heads", None, None, None), q)
     kv_spec = spec(("batch", "act_kv_heads", None, None), k)
-    specs = (q_spec, kv_spec, kv_spec, spec(("batch", None), seg))
+    seg_spec = spec(("batch", None), q_seg)
+    specs = (q_spec, kv_spec, kv_spec, seg_spec, seg_spec)
     run = jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)
-  out = run(q, k, v, seg)
+  out = run(q, k, v, q_seg, kv_seg)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, lp, h, d)[:, :l]
