@@ -10,7 +10,8 @@ weights are allocated) and reports XLA's buffer assignment (`compiled.memory_ana
 temp + arguments + outputs, aliasing subtracted). With `--run`, the named implementations
 also run one step each in a fresh subprocess and report its peak resident memory (ru_maxrss).
 `splash_interpret` is the TPU kernel interpreted on CPU: its memory plan is the kernel's
-(blocks, no [L, L] scores), its speed is not. Writes benchmarks/results/attention_memory_<platform>.json.
+(blocks, no [L, L] scores), its speed is not. Writes
+benchmarks/results/attention_memory_<platform>_<dtype>_b<batch>.json.
 Not a test.
 """
 
@@ -135,7 +136,7 @@ def main():
     print(f"| {r['impl']} | {r['remat']} | {r['temp_mib']:.0f} | "
           f"{r['argument_mib'] + r['output_mib']:.0f} | {r['total_mib']:.0f} | {rss} |")
   out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                     f"attention_memory_{jax.default_backend()}.json")
+                     f"attention_memory_{jax.default_backend()}_{args.dtype}_b{args.batch}.json")
   with open(out, "w") as f:
     json.dump(rows, f, indent=1)
   print(f"wrote {out}")

@@ -235,12 +235,17 @@ def _jax_nn(q, k, v, q_seg, kv_seg, window, impl):
   return out[:, :l]
 
 
+def _splash_lib():
+  """The splash kernel and mask modules (imported on first use: Pallas TPU code)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention  # pylint: disable=g-import-not-at-top
+  return splash_attention.splash_attention_kernel, splash_attention.splash_attention_mask
+
+
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(length: int, groups: int, window: int | None, soft_cap: float | None,
                    interpret: bool):
   """One MQA splash kernel: G query heads [G, L, D] over one K/V [L, D] (a GQA group)."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # pylint: disable=g-import-not-at-top
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # pylint: disable=g-import-not-at-top
+  sk, sm = _splash_lib()
   shape = (length, length)
   if window is None:
     head = sm.CausalMask(shape)
@@ -270,7 +275,7 @@ def _splash(q, k, v, q_seg, kv_seg, window, soft_cap, *, mesh, interpret):
   q = q.reshape(b, lp, kh, g, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, D]
 
   def run(q, k, v, q_seg, kv_seg):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # pylint: disable=g-import-not-at-top
+    sk, _ = _splash_lib()
     kernel = _splash_kernel(lp, g, window, soft_cap, interpret)
 
     def one(qg, kk, vv, sq, skv):  # [G, L, D], [L, D], [L, D], [L], [L]
