@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stt_jax import run_config, sharding
+from stt_jax import run_config, sharding, train
 from stt_jax.models import attention, load_hf
 from stt_jax.models.config import ModelConfig
 from stt_jax.models.decoder import CausalLM
@@ -150,12 +150,18 @@ def test_cudnn_on_cpu_model_fails_at_construction():
     CausalLM(CONFIG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), attention="cudnn")
 
 
-def test_run_config_key_and_load_hf(tmp_path):
+def test_run_config_key_reaches_the_trained_model(tmp_path):
   cfg = run_config.get_config()
   assert cfg.model.attention == "auto"
   assert set(run_config.CHOICES["model.attention"]) == set(attention.IMPLEMENTATIONS)
+  cfg.model.attention = "flash"
+  with pytest.raises(run_config.ConfigKeyError, match="model.attention"):
+    run_config.check_schema(cfg, run_config.get_config(), run_config.CHOICES)
+  cfg.model.attention = "einsum"
+  assert train.attention(cfg) == "einsum"
   folder = hf_tiny.make_tiny("qwen2", str(tmp_path / "m"))
-  assert load_hf(folder, attention="einsum")[0].attention == "einsum"
+  model = train._prepare_model(folder, cfg.train, sharding.make_mesh(), attention_impl="einsum")  # pylint: disable=protected-access
+  assert model.attention == "einsum"
   assert load_hf(folder)[0].attention == "xla"  # auto on CPU.
 
 
