@@ -175,3 +175,17 @@ def test_right_padding_queries_match_reference(impl):
   got = CausalLM(CONFIG, rngs=nnx.Rngs(0), attention=impl)(ids[1:2], mask[1:2])
   upto = L if impl == "xla" else 9 + 3 - 1
   np.testing.assert_allclose(np.asarray(got)[:, :upto], np.asarray(want)[:, :upto], atol=1e-5)
+
+
+def test_preflight_names_model_attention(tmp_path):
+  """A run asking for cuDNN on this CPU stops before any stage, in one line."""
+  from stt_jax import preflight  # pylint: disable=g-import-not-at-top
+  cfg = run_config.get_config()
+  cfg.model.path = hf_tiny.make_tiny("qwen2", str(tmp_path / "m"))
+  cfg.model.attention = "cudnn"
+  with pytest.raises(attention.AttentionError, match="model.attention='cudnn'"):
+    preflight.check_attention(cfg, ("train",))
+  preflight.check_attention(cfg, ("train",), platform="gpu")  # bf16 training: fits.
+  with pytest.raises(attention.AttentionError, match="float32"):
+    cfg.model.dtype = "float32"
+    preflight.check_attention(cfg, ("eval",), platform="gpu")

@@ -49,7 +49,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from stt_jax import sharding
@@ -118,8 +117,8 @@ def _cudnn_unfit(dtype, head_dim: int) -> str | None:
   return None
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("segment_ids", "q_segment_ids",
-                                                         "window_index"),
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("segment_ids", "q_segment_ids", "window_index"),
                    meta_fields=("implementation", "window", "windows"))
 @dataclasses.dataclass(frozen=True)
 class Segments:
