@@ -26,18 +26,18 @@ CONFIG = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=64, hidden_size
 
 def _batch():
   """Row 0 left padded (4 pads), row 1 right padded (3 pads), row 2 packed: segments 1, 2, 3
-  and 2 pads (segment 0), positions restarting per segment."""
+  and 2 pads (segment 0), positions restarting per segment; row 3 unpadded."""
   rng = np.random.default_rng(0)
-  ids = rng.integers(3, 64, size=(3, L)).astype(np.int32)
-  mask = np.ones((3, L), bool)
+  ids = rng.integers(3, 64, size=(4, L)).astype(np.int32)
+  mask = np.ones((4, L), bool)
   mask[0, :4] = False
   mask[1, -3:] = False
-  seg = np.zeros((3, L), np.int32)
+  seg = np.ones((4, L), np.int32)
   seg[:2] = mask[:2]
   seg[2] = [1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 0, 0]
   mask[2] = seg[2] > 0
-  pos = np.zeros((3, L), np.int32)
-  for r in range(3):
+  pos = np.zeros((4, L), np.int32)
+  for r in range(4):
     starts = np.r_[0, np.flatnonzero(np.diff(seg[r])) + 1]
     for a, b in zip(starts, np.r_[starts[1:], L]):
       pos[r, a:b] = np.arange(b - a) if seg[r, a] else 0
@@ -89,9 +89,10 @@ def test_kernel_matches_reference(reference, impl, scan, remat):
 
 @pytest.mark.parametrize("impl", ["xla", "splash_interpret"])
 def test_kernel_sharded_matches_reference(reference, impl):
-  """Batch over data x fsdp and KV heads over tensor (splash runs under shard_map)."""
+  """Batch (4 rows) over fsdp=4 and KV heads over tensor=2 (splash: under shard_map)."""
   mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   logits, loss, grads = _diffs(_run(impl, mesh=mesh), reference[True])
+  print(f"{impl} sharded: logits {logits:.2e} loss {loss:.2e} grads {grads:.2e}")
   assert logits < 1e-5 and loss < 1e-6 and grads < 1e-5
 
 
