@@ -348,8 +348,9 @@ def _prepare_model(model_or_path, t: ml_collections.ConfigDict, mesh: Mesh,
 
   From a path, weights are read straight into their shards: with LoRA the frozen base is kept
   in the compute dtype (no master copy is needed), with full training in param_dtype; `scan`
-  is model.scan_layers (stacked, scanned layers), `attention_impl` model.attention. A model object is copied (the caller's is
-  left untouched) and placed on the mesh as built, in its own layout.
+  is model.scan_layers (stacked, scanned layers), `attention_impl` model.attention. A model
+  object is copied (the caller's is left untouched) and placed on the mesh as built, in its
+  own layout (scan and attention included).
   """
   if isinstance(model_or_path, (str, os.PathLike)):
     base_dtype = t.dtype if t.method == "lora" else t.param_dtype
