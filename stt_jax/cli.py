@@ -112,12 +112,13 @@ def one_line_errors(fn):
     from stt_jax.checkpoint import CheckpointIOError, CheckpointMismatchError  # pylint: disable=g-import-not-at-top
     from stt_jax.decode import DecodeError  # pylint: disable=g-import-not-at-top
     from stt_jax.models import ConfigError, LoadError  # pylint: disable=g-import-not-at-top
+    from stt_jax.models.attention import AttentionError  # pylint: disable=g-import-not-at-top
     from stt_jax.models.safetensors_io import SafetensorsError  # pylint: disable=g-import-not-at-top
     from stt_jax.tasks import DataNotFoundError  # pylint: disable=g-import-not-at-top
     known = (run_config.ConfigKeyError, ConfigError, LoadError, SafetensorsError,
              DataNotFoundError, train_data.DataError, sharding.ShardingError,
              train.NonFiniteLossError, preflight.PreflightError, CheckpointMismatchError,
-             CheckpointIOError, DecodeError)
+             CheckpointIOError, DecodeError, AttentionError)
     try:
       return fn(argv)
     except known as e:

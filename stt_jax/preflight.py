@@ -344,6 +344,17 @@ def check_eval_prompts(cfg, task, lang: str, rows, tokenizer) -> None:
 # ------------------------------------------------------------------------------ entry point
 
 
+def check_attention(cfg, stages: Sequence[str], platform: str | None = None) -> None:
+  """model.attention runs here with each stage's compute dtype (train.dtype for training,
+  model.dtype for translation and evaluation); else the kernel's one-line AttentionError."""
+  from stt_jax.models import ModelConfig, attention  # pylint: disable=g-import-not-at-top
+  head_dim = ModelConfig.from_hf(cfg.model.path).head_dim
+  dtypes = ({cfg.train.dtype} if "train" in stages else set()) | (
+      {cfg.model.dtype} if {"translate", "eval"} & set(stages) else set())
+  for dtype in sorted(dtypes):
+    attention.resolve(cfg.model.attention, dtype, head_dim, platform)
+
+
 def check(cfg, workdir: str, tokenizer, stages: Sequence[str] | None = None) -> None:
   """Raises PreflightError for a config that cannot run with this model and tokenizer.
 
@@ -356,6 +367,7 @@ def check(cfg, workdir: str, tokenizer, stages: Sequence[str] | None = None) -> 
   if "train" in stages:
     check_batch(cfg, check_mesh(cfg))
   check_vocab(cfg.model.path, tokenizer)
+  check_attention(cfg, stages)
   check_data(cfg, stages, tokenizer)
   if {"translate", "eval"} & set(stages):
     check_inference_memory(cfg)

@@ -49,6 +49,7 @@ CHOICES = {
     "model.kv_dtype": ("",) + DTYPES,
     "translate.truncate": ("left", "error"),
     "translate.filters.enabled": translate_filters.REASONS,
+    "model.attention": ("auto", "xla", "cudnn", "splash", "einsum"),
 }
 
 
@@ -95,6 +96,10 @@ def _model() -> ml_collections.ConfigDict:
   # much faster compiles, same numbers. False unrolls them (the tree of earlier checkpoints;
   # a checkpoint restores only into the layout it was trained in).
   m.scan_layers = True
+  # Attention kernel of training and full-sequence scoring (decoding always uses einsum):
+  # auto = splash on TPU, cudnn on GPU (bf16/fp16), else xla; einsum = the dense reference.
+  # See models/attention.py and docs/train.md.
+  m.attention = "auto"
   return m
 
 

@@ -332,25 +332,33 @@ def scan_layers(config) -> bool:
   return bool(model.get("scan_layers", True)) if model is not None else True
 
 
+def attention(config) -> str:
+  """The run config's `model.attention` ('auto' when the config has no model section)."""
+  model = config.get("model") if hasattr(config, "get") else getattr(config, "model", None)
+  return str(model.get("attention", "auto")) if model is not None else "auto"
+
+
 def model_settings(model: nnx.Module) -> dict:
   """The model settings a checkpoint's tree depends on (saved in its meta)."""
   return {"scan_layers": bool(getattr(model, "scan_layers", False))}
 
 
 def _prepare_model(model_or_path, t: ml_collections.ConfigDict, mesh: Mesh,
-                   layout: str = "train", scan: bool = True) -> nnx.Module:
+                   layout: str = "train", scan: bool = True,
+                   attention_impl: str = "auto") -> nnx.Module:
   """Loads (or copies) the model onto the mesh and adds LoRA adapters if configured.
 
   From a path, weights are read straight into their shards: with LoRA the frozen base is kept
   in the compute dtype (no master copy is needed), with full training in param_dtype, except
   in the 'inference' layout (decoding a trained model), where no master copy is needed
-  either; `scan` is model.scan_layers (stacked, scanned layers). A model object is copied
-  (the caller's is left untouched) and placed on the mesh as built, in its own layout.
+  either; `scan` is model.scan_layers (stacked, scanned layers), `attention_impl`
+  model.attention. A model object is copied (the caller's is left untouched) and placed on
+  the mesh as built, in its own layout (scan and attention included).
   """
   if isinstance(model_or_path, (str, os.PathLike)):
     base_dtype = t.dtype if t.method == "lora" or layout == "inference" else t.param_dtype
     model, _ = hf_io.load_hf(model_or_path, mesh=mesh, dtype=t.dtype, param_dtype=base_dtype,
-                             layout=layout, scan_layers=scan)
+                             layout=layout, scan_layers=scan, attention=attention_impl)
   else:
     model = nnx.clone(model_or_path)
     for _, module in nnx.iter_modules(model):
@@ -481,7 +489,8 @@ def train(model: str | os.PathLike | nnx.Module, tokenizer, task: str | Task,
   workdir = os.path.abspath(os.fspath(workdir))
   mesh = mesh if mesh is not None else sharding.make_mesh()
   examples, data, total = _load_data(task, rows_by_source, tokenizer, t)
-  model = _prepare_model(model, t, mesh, scan=scan_layers(config))
+  model = _prepare_model(model, t, mesh, scan=scan_layers(config),
+                         attention_impl=attention(config))
   model.train()
   settings = model_settings(model)
   model_config = getattr(model, "config", None)
@@ -624,20 +633,20 @@ def _save(run: _Run, step: int, state: TrainState, preemption: _Preemption) -> b
 
 
 def weights_target(model: str | os.PathLike | nnx.Module, t: ml_collections.ConfigDict,
-                   mesh: Mesh, layout: str = "train", scan: bool = True
-                   ) -> tuple[nnx.GraphDef, dict, dict]:
+                   mesh: Mesh, layout: str = "train", scan: bool = True,
+                   attention_impl: str = "auto") -> tuple[nnx.GraphDef, dict, dict]:
   """(graphdef, restore target of the trainable weights, frozen values): the model exactly
   as `train` prepares and splits it. The trainable values it was built with are dropped (a
   checkpoint replaces them); the frozen ones are placed as the Trainer places them (layout
   'train'), or over `tensor` only (layout 'inference', for decoding: sharding.LAYOUTS).
-  scan: model.scan_layers, for a model given by path.
+  scan, attention_impl: model.scan_layers and model.attention, for a model given by path.
 
   In the 'inference' layout fully fine-tuned weights are restored in the compute dtype
   (train.dtype), not as the float32 master copy: every layer casts its weights to the compute
   dtype before use, so the numbers are the same and a 7B model needs 13.5 GB per copy, not 27.
   LoRA adapters stay as trained (they are small)."""
-  graphdef, params, frozen = split_trainable(_prepare_model(model, t, mesh, layout, scan),
-                                             t.method)
+  graphdef, params, frozen = split_trainable(
+      _prepare_model(model, t, mesh, layout, scan, attention_impl), t.method)
   frozen = jax.device_put(nnx.to_pure_dict(frozen), _shardings(frozen, mesh, layout))
   target = abstract_params(params, mesh, layout)
   if layout == "inference" and t.method == "full":
@@ -666,7 +675,7 @@ def load_trained(model: str | os.PathLike | nnx.Module, workdir: str | os.PathLi
   mesh = mesh if mesh is not None else sharding.make_mesh()
   scan = (scan_layers(config) if isinstance(model, (str, os.PathLike))
           else bool(getattr(model, "scan_layers", False)))
-  graphdef, target, frozen = weights_target(model, t, mesh, layout, scan)
+  graphdef, target, frozen = weights_target(model, t, mesh, layout, scan, attention(config))
   ckpts = checkpoint.Checkpoints(os.path.join(os.fspath(workdir), "checkpoints"),
                                  read_only=True)
   try:

@@ -118,6 +118,7 @@ def test_separate_eval_loop_scores_new_checkpoints_once(tiny_model, tmp_path):
     ("--config.train.lrr=0.1", "config: unknown key 'train.lrr' (from --config.train.lrr=0.1); "
      "did you mean 'train.lr'?"),
     ("--config.eval.method=beam", "'eval.method' = 'beam' is not one of generate, loglik"),
+    ("--config.model.attention=cudnn", "error: model.attention='cudnn': cuDNN needs a GPU"),
 ])
 def test_bad_config_is_one_clear_error(tiny_model, tmp_path, override, message):
   proc = run_main(str(tmp_path / "w"), tiny_model, override, check=False)

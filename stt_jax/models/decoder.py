@@ -22,10 +22,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from stt_jax import sharding
+from stt_jax.models import attention as attention_lib
 from stt_jax.models import lora
 from stt_jax.models.config import ModelConfig
 
-_NEG = -1e30  # Finite "minus infinity": a fully masked row gives uniform weights, not NaN.
+_NEG = attention_lib.NEG
 
 
 @jax.tree_util.register_dataclass
@@ -209,7 +210,8 @@ class Attention(nnx.Module):
     return self.o_proj(out)
 
   def __call__(self, x, cos, sin, mask, cache=None):
-    """x: [B, L, E]; mask: [B, 1, L, S] bool.
+    """x: [B, L, E]; mask: [B, 1, L, S] bool (the dense reference), or for a full-sequence
+    forward without cache an `attention.Segments` (the kernel `model.attention` chose).
 
     cache: optional (k_all, v_all, layer, index) with k_all/v_all [layers, B, K, S, D]; the new
     keys/values are written in place at slot `index` of `layer` and attention reads that
@@ -217,6 +219,9 @@ class Attention(nnx.Module):
     """
     b, l, _ = x.shape
     q, k, v = self.project(x, cos, sin)
+    if isinstance(mask, attention_lib.Segments):
+      out = attention_lib.causal(q, k, v, mask, mesh=self.mesh)
+      return self.output(out.reshape(b, l, self.num_heads * self.head_dim)), None
     new_cache = None
     if cache is not None:
       k_all, v_all, layer, index = cache
@@ -225,13 +230,7 @@ class Attention(nnx.Module):
       v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
       new_cache = (k_all, v_all)
       k, v = k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype)
-    groups = self.num_heads // self.num_kv_heads
-    q = q.reshape(b, l, self.num_kv_heads, groups, self.head_dim)
-    scores = jnp.einsum("blkgd,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (self.head_dim ** -0.5)
-    scores = jnp.where(mask[:, :, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bkgls,bksd->blkgd", probs, v).reshape(b, l, self.num_heads * self.head_dim)
+    out = attention_lib.dense(q, k, v, mask).reshape(b, l, self.num_heads * self.head_dim)
     return self.output(out), new_cache
 
   def with_slots(self, x, cos, sin, view: SlotView):
@@ -348,15 +347,19 @@ class CausalLM(nnx.Module):
   """Decoder + LM head. `model(input_ids, attention_mask)` -> float32 logits [B, L, V].
 
   scan_layers: stacked layer parameters run under `lax.scan` (default; see the module
-  docstring), else a python list of layers unrolled into the graph.
+  docstring), else a python list of layers unrolled into the graph. attention: the kernel of
+  full-sequence forwards (`model.attention`: auto | xla | cudnn | splash | einsum; see
+  models/attention.py), resolved here for this platform and dtype; decoding always uses the
+  dense einsum.
   """
 
   def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                mesh: Mesh | None = None, rngs: nnx.Rngs | None = None,
-               scan_layers: bool = True):
+               scan_layers: bool = True, attention: str = "auto"):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.config = config
     self.dtype = jnp.dtype(dtype)
+    self.attention = attention_lib.resolve(attention, self.dtype, config.head_dim)
     # Recompute each layer in the backward pass instead of storing its activations (training
     # memory ~ one layer's activations + the layer inputs); set by the trainer.
     self.remat = False
@@ -391,12 +394,17 @@ class CausalLM(nnx.Module):
     attention_mask = attention_mask.astype(jnp.bool_)
     if positions is None:
       positions = positions_from_mask(attention_mask)
-    idx = jnp.arange(l)
-    mask = (idx[None, :] <= idx[:, None])[None] & attention_mask[:, None, :]
-    if segment_ids is not None:
-      mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    if self.attention == "einsum":  # The dense reference mask.
+      idx = jnp.arange(l)
+      mask = (idx[None, :] <= idx[:, None])[None] & attention_mask[:, None, :]
+      if segment_ids is not None:
+        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+      windows = self._window_masks(mask[:, None], idx, idx)
+    else:  # A kernel: padding and packing as segment ids, each layer its static window.
+      segs = attention_lib.Segments.from_mask(attention_mask, segment_ids, self.attention)
+      used = {self.config.sliding_window(i) for i in range(self.config.num_hidden_layers)}
+      windows = {w: segs.for_window(w) for w in sorted(used, key=lambda w: w or 0)}
     hidden = self._embed(input_ids)
-    windows = self._window_masks(mask[:, None], idx, idx)
     cos, sin = rope_cos_sin(self.config.inv_freq(), positions, self.dtype)
     if self.scan_layers:
       def body(h, layer, mask, i, _):
@@ -559,13 +567,19 @@ class CausalLM(nnx.Module):
     keys = list(windows)
     window_idx = jnp.asarray([keys.index(self.config.sliding_window(i)) for i in range(n)],
                              jnp.int32)
-    stacked = jnp.stack([windows[k] for k in keys]) if len(keys) > 1 else None
+    segments = isinstance(windows[keys[0]], attention_lib.Segments)
+    stacked = (jnp.stack([windows[k] for k in keys]) if len(keys) > 1 and not segments
+               else None)
 
     def step(c, inputs):
       p, i, w, x = inputs
       layer = nnx.merge(graphdef, p, rest, copy=True)  # Fresh variables in this trace.
       lora.fold_in_layer(layer, i)  # Distinct adapter dropout per layer (no-op without LoRA).
-      mask = windows[keys[0]] if stacked is None else stacked[w]
+      if segments:  # A kernel's window is static: the layer picks its branch (lax.switch).
+        mask = (windows[keys[0]] if len(keys) == 1
+                else windows[keys[0]].for_windows(w, tuple(keys)))
+      else:
+        mask = windows[keys[0]] if stacked is None else stacked[w]
       return body(c, layer, mask, i, x)
 
     if remat:  # The layer body is recomputed in the backward pass, as nnx.remat unrolled.

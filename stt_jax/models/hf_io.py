@@ -200,12 +200,14 @@ def check_weights(path: str | os.PathLike) -> None:
 
 
 def abstract_model(config: ModelConfig, dtype="float32", param_dtype=None,
-                   mesh: Mesh | None = None, scan_layers: bool = True) -> CausalLM:
+                   mesh: Mesh | None = None, scan_layers: bool = True,
+                   attention: str = "auto") -> CausalLM:
   """The model with ShapeDtypeStruct leaves: no memory allocated."""
   dtype = jnp.dtype(dtype)
   param_dtype = jnp.dtype(param_dtype or dtype)
   return nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, param_dtype=param_dtype,
-                                         mesh=mesh, rngs=nnx.Rngs(0), scan_layers=scan_layers))
+                                         mesh=mesh, rngs=nnx.Rngs(0), scan_layers=scan_layers,
+                                         attention=attention))
 
 
 def param_sharding(variable, shape, mesh: Mesh | None, layout: str = "train"):
@@ -220,14 +222,15 @@ def param_sharding(variable, shape, mesh: Mesh | None, layout: str = "train"):
 
 
 def load_hf(path: str | os.PathLike, mesh: Mesh | None = None, dtype="float32",
-            param_dtype=None, layout: str = "train", scan_layers: bool = True
-            ) -> tuple[CausalLM, ModelConfig]:
+            param_dtype=None, layout: str = "train", scan_layers: bool = True,
+            attention: str = "auto") -> tuple[CausalLM, ModelConfig]:
   """Loads a local HF folder into a (sharded) CausalLM.
 
   dtype: compute dtype; param_dtype: storage dtype (default: dtype). Weights of any float dtype
   in the file are cast to param_dtype per shard, while reading. layout: 'train' (weights over
   fsdp + tensor) or 'inference' (over tensor only, for decoding and scoring; sharding.LAYOUTS).
   scan_layers: stacked layers under lax.scan (default) or unrolled (decoder.CausalLM).
+  attention: the full-sequence attention kernel (model.attention; models/attention.py).
   """
   sharding.rules(layout)  # An unknown layout fails before any file is read.
   path = os.fspath(path)
@@ -236,7 +239,7 @@ def load_hf(path: str | os.PathLike, mesh: Mesh | None = None, dtype="float32",
                     "(run `python -m stt_jax.models.fetch_demo` for the demo model)")
   config = ModelConfig.from_hf(path)
   config = dataclasses.replace(config, source_dir=os.path.abspath(path))
-  model = abstract_model(config, dtype, param_dtype, mesh, scan_layers)
+  model = abstract_model(config, dtype, param_dtype, mesh, scan_layers, attention)
   graphdef, state = nnx.split(model)
   flat = nnx.to_flat_state(state)
   files = _WeightFiles(path)
