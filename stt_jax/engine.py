@@ -78,11 +78,9 @@ def _pick(logits, keys, count, temperature, top_p, *, greedy: bool, top_k: int):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "kv_dtype"))
 def _prefix_program(graphdef, state, ids, length, *, kv_dtype):
-  """The shared prefix's KV, computed at the model's dtype and stored in `kv_dtype`."""
+  """The shared prefix's KV in `kv_dtype` (its later tokens read the keys as stored)."""
   model: CausalLM = nnx.merge(graphdef, state)
-  prefix = model.prefill_prefix(ids, length)
-  return PrefixCache(k=prefix.k.astype(kv_dtype), v=prefix.v.astype(kv_dtype),
-                     length=prefix.length)
+  return model.prefill_prefix(ids, length, dtype=kv_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k"),

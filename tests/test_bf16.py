@@ -1,5 +1,5 @@
 """bf16 where an accelerator wants it: training computes in bfloat16 (every forward matmul;
-the attention scores' two backward dots are a strict xfail below), keeps float32 master
+the XLA attention's two backward score dots are a strict xfail below), keeps float32 master
 weights, gradients and AdamW moments, stores LoRA's frozen base in bfloat16; decoding a fully
 fine-tuned checkpoint restores its weights in bfloat16 (the compute dtype), with the same
 logits as the float32 master copy in the same layout."""
@@ -85,9 +85,10 @@ def test_every_forward_matmul_is_bf16(folder, method):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "decoder.Attention computes the scores with preferred_element_type=float32, so their "
-    "cotangent is float32 and the two backward dots (dq, dk) are float32 x bf16; cast the "
-    "cotangent to the compute dtype (a custom_vjp) in the attention rewrite"))
+    "the XLA attention (jax.nn.dot_product_attention, what model.attention=auto runs on CPU "
+    "and the fallback elsewhere) computes the scores with preferred_element_type=float32, so "
+    "their cotangent is float32 and the two backward dots (dq, dk) are float32 x bf16; the "
+    "fused kernels auto picks on TPU (splash) and GPU (cuDNN) keep them in bf16"))
 def test_every_backward_matmul_is_bf16(folder):
   _, trainer, state, batch = _setup(folder, "full")
   jaxpr = jax.make_jaxpr(_grads_of(trainer))(state, trainer.frozen, batch).jaxpr

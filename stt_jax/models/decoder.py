@@ -542,12 +542,13 @@ class CausalLM(nnx.Module):
             hidden, cos, sin, view(ks, vs, i, masks[self.config.sliding_window(i)]))
     return hidden, ks, vs
 
-  def prefill_prefix(self, input_ids: jax.Array, length: jax.Array) -> PrefixCache:
+  def prefill_prefix(self, input_ids: jax.Array, length: jax.Array, dtype=None) -> PrefixCache:
     """The KV of a shared prefix `input_ids` [1, C] (first `length` tokens real), computed and
-    stored once for every slot."""
+    stored once for every slot, in `dtype` (the KV cache's; default the compute dtype). The
+    prefix's own later tokens read its keys as stored, as every decode step does."""
     c = input_ids.shape[1]
     mask = jnp.arange(c)[None, :] < length
-    cache = KVCache.zeros(self.config, 1, c, self.dtype)
+    cache = KVCache.zeros(self.config, 1, c, dtype or self.dtype)
     _, cache = self.forward_cached(input_ids, mask, jnp.arange(c)[None, :], cache,
                                    last_only=True)
     return PrefixCache(k=sharding.constrain(cache.k, self.mesh, PREFIX_AXES),

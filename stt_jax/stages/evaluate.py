@@ -253,7 +253,7 @@ def _score_base(cfg, wd: Workdir, tokenizer, mesh, metrics: MetricsFile) -> int:
       return 0
     model, _ = load_hf(cfg.model.path, mesh=mesh, dtype=cfg.model.dtype,
                        param_dtype=cfg.model.param_dtype or None, layout="inference",
-                       scan_layers=cfg.model.scan_layers)
+                       scan_layers=cfg.model.scan_layers, attention=cfg.model.attention)
     metrics.append(score_model(model, tokenizer, cfg, BASE, 0, wd, mesh, metrics))
     return 1
 

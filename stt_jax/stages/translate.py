@@ -69,7 +69,7 @@ def run(cfg, wd: Workdir, tokenizer) -> None:
     if model is None:
       model, _ = load_hf(cfg.model.path, mesh=mesh, dtype=cfg.model.dtype,
                          param_dtype=cfg.model.param_dtype or None, layout="inference",
-                         scan_layers=cfg.model.scan_layers)
+                         scan_layers=cfg.model.scan_layers, attention=cfg.model.attention)
     stats = translate_task(model, tokenizer, task.name, lang, cfg, wd.root, mesh=mesh)
     log.info("translate: %s: kept %s of %s", lang, stats.get("kept"), stats.get("items"))
     if hosts.is_main():
