@@ -80,9 +80,15 @@ def test_tiny_all_stages_then_rerun_is_noop(tiny_model, tmp_path):
   proc = run_main(workdir, tiny_model)
   after = _tree(workdir)
   changed = {k for k in after if before.get(k) != after[k]}
-  # Only the report is rewritten; nothing is translated, trained or scored again.
+  # Only the report is rewritten (and each stage's time and memory logged again); nothing is
+  # translated, trained or scored again.
   assert changed <= {"report.md", "report.csv", "report.png", "train_loss.png",
-                     "eval_curves.png", "translation_filters.png"}, changed
+                     "eval_curves.png", "translation_filters.png", "resources.jsonl"}, changed
+  with open(os.path.join(workdir, "resources.jsonl")) as f:
+    stages = [json.loads(line)["stage"] for line in f]
+  assert stages == ["translate", "train", "export", "eval", "report"] * 2
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert "### Time and memory per stage" in f.read()
   assert "already trained; skipping" in proc.stderr
   assert _metrics(workdir) == rows
 
