@@ -8,8 +8,8 @@ params, truncated}. The table takes each (model, variant)'s latest step (the end
 A cell marked †k had k generations cut by eval.max_new_tokens (their answers may be missing);
 what train.seq_len cut from the training data (runs/<variant>/train/metrics.jsonl) is listed
 under the tables, so a number lowered by a budget is not read as a result. Each stage's wall
-time and resident memory peak (workdir/resources.jsonl, written by stt_jax.stages.run) close
-the report.
+time and resident memory peak (workdir/resources.jsonl, written by `measured` around every
+stage) close the report.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 
 import ml_collections
 
-from stt_jax import hosts, report_plots
+from stt_jax import appendlog, hosts, memory, report_plots
 from stt_jax.run_config import model_label
 from stt_jax.tasks import TASKS
 from stt_jax.workdir import Workdir, read_json
@@ -207,8 +208,27 @@ def train_cuts(workdirs: Sequence[str]) -> str:
 
 def resources_path(wd: Workdir) -> str:
   """workdir/resources.jsonl: a row per run of a stage (seconds, peak and end RSS of process
-  0; stt_jax.stages.run writes it)."""
+  0; `measured` writes it, for stt_jax.stages.run and the separate eval loop)."""
   return wd.path(RESOURCES)
+
+
+def measured(stage: str, wd: Workdir, fn: Callable[[], object]):
+  """Runs `fn` (a stage) and appends its row to resources.jsonl (process 0's wall time and
+  resident peak: stt_jax.memory.Peak); returns what `fn` returns."""
+  start = time.perf_counter()
+  with memory.Peak() as peak:
+    out = fn()
+  row = {"stage": stage, "seconds": round(time.perf_counter() - start, 1),
+         "peak_rss_gib": round(peak.bytes / memory.GIB, 2),
+         "end_rss_gib": round(peak.end_bytes / memory.GIB, 2), "peak_since": peak.since,
+         "time": time.time()}
+  logging.info("%s: %.0f s, peak RSS %.2f GiB (since %s start), %.2f GiB at the end", stage,
+               row["seconds"], row["peak_rss_gib"], peak.since, row["end_rss_gib"])
+  if hosts.is_main():
+    path = resources_path(wd)
+    appendlog.cut_torn_tail(path)  # Left by a run killed while writing its row.
+    appendlog.append(path, [row], "report.resources")
+  return out
 
 
 def resources(workdirs: Sequence[str]) -> str:
