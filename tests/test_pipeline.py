@@ -80,9 +80,15 @@ def test_tiny_all_stages_then_rerun_is_noop(tiny_model, tmp_path):
   proc = run_main(workdir, tiny_model)
   after = _tree(workdir)
   changed = {k for k in after if before.get(k) != after[k]}
-  # Only the report is rewritten; nothing is translated, trained or scored again.
+  # Only the report is rewritten (and each stage's time and memory logged again); nothing is
+  # translated, trained or scored again.
   assert changed <= {"report.md", "report.csv", "report.png", "train_loss.png",
-                     "eval_curves.png", "translation_filters.png"}, changed
+                     "eval_curves.png", "translation_filters.png", "resources.jsonl"}, changed
+  with open(os.path.join(workdir, "resources.jsonl")) as f:
+    stages = [json.loads(line)["stage"] for line in f]
+  assert stages == ["translate", "train", "export", "eval", "report"] * 2
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert "### Time and memory per stage" in f.read()
   assert "already trained; skipping" in proc.stderr
   assert _metrics(workdir) == rows
 
@@ -185,6 +191,7 @@ def test_two_process_run_matches_one_process(tiny_model, tmp_path):
   _two_processes(multi, tiny_model, only, "--config.stages=('translate','train','eval')")
   _two_processes(multi, tiny_model, only, module="stt_jax.evaluate", timeout=300)
   after = _tree(str(multi))
-  changed = {k for k in before if after.get(k) != before[k]} - {"config.json"}
+  # resources.jsonl: each run logs its stages' time and memory.
+  changed = {k for k in before if after.get(k) != before[k]} - {"config.json", "resources.jsonl"}
   assert not changed and set(after) - set(before) <= {
       k for k in after if k.startswith("config.")}, (changed, set(after) - set(before))

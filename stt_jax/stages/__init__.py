@@ -3,6 +3,8 @@
 Each stage is `run(cfg, wd, tokenizer)` over a validated run config (stt_jax.run_config) and a
 run folder (stt_jax.workdir.Workdir); each resumes where it stopped and is multi-host aware.
 The library below them (models, decode, train, translate, tasks, ...) knows no stage.
+`run` also records each stage's wall time and resident peak (stt_jax.memory) in
+`workdir/resources.jsonl`, which the report shows (stages.report.measured).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ STAGES = {"translate": translate, "train": train, "export": export, "eval": eval
           "report": report}
 
 
-def run(name: str, cfg, wd, tokenizer) -> None:
-  """Runs one stage of the pipeline."""
-  STAGES[name].run(cfg, wd, tokenizer)
+def run(name: str, cfg, wd, tokenizer):
+  """Runs one stage of the pipeline, its time and memory logged (`report.measured`); returns
+  what the stage returns."""
+  return report.measured(name, wd, lambda: STAGES[name].run(cfg, wd, tokenizer))

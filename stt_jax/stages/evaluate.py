@@ -31,6 +31,7 @@ from stt_jax import train as train_lib
 from stt_jax.checkpoint import CheckpointError
 from stt_jax.models import load_hf
 from stt_jax.run_config import model_label
+from stt_jax.stages import report
 from stt_jax.tasks import get_task
 from stt_jax.workdir import Workdir, read_json
 
@@ -286,7 +287,7 @@ def main(argv):
   tokenizer = preflight.load_tokenizer(cfg.model.path)
   preflight.check(cfg, workdir, tokenizer, stages=("eval",))
   wd = Workdir(workdir)
-  n = run(cfg, wd, tokenizer, wait=True)
+  n = report.measured("eval", wd, lambda: run(cfg, wd, tokenizer, wait=True))
   logging.info("eval: scored %d checkpoint(s); metrics in %s", n, wd.eval_metrics)
 
 

@@ -7,7 +7,9 @@ Each metric row is {variant, step, task, lang, metric, value, ci_low, ci_high, n
 params, truncated}. The table takes each (model, variant)'s latest step (the end of training).
 A cell marked †k had k generations cut by eval.max_new_tokens (their answers may be missing);
 what train.seq_len cut from the training data (runs/<variant>/train/metrics.jsonl) is listed
-under the tables, so a number lowered by a budget is not read as a result.
+under the tables, so a number lowered by a budget is not read as a result. Each stage's wall
+time and resident memory peak (workdir/resources.jsonl, written by `measured` around every
+stage) close the report.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 
 import ml_collections
 
-from stt_jax import hosts, report_plots
+from stt_jax import appendlog, hosts, memory, report_plots
 from stt_jax.run_config import model_label
 from stt_jax.tasks import TASKS
 from stt_jax.workdir import Workdir, read_json
@@ -29,6 +32,7 @@ from stt_jax.workdir import Workdir, read_json
 PRIMARY = {"mgsm": "accuracy", "xquad": "f1", "xnli": "accuracy"}
 VARIANT_ORDER = ("base", "zero_shot", "self_translate", "self_translate_cs")
 BASELINE = "zero_shot"
+RESOURCES = "resources.jsonl"
 
 
 def read_metrics(paths: Iterable[str]) -> list[dict]:
@@ -202,6 +206,60 @@ def train_cuts(workdirs: Sequence[str]) -> str:
           "seq_len tokens or more; raise train.seq_len to keep them.\n")
 
 
+def resources_path(wd: Workdir) -> str:
+  """workdir/resources.jsonl: a row per run of a stage (seconds, peak and end RSS of process
+  0; `measured` writes it, for stt_jax.stages.run and the separate eval loop)."""
+  return wd.path(RESOURCES)
+
+
+def measured(stage: str, wd: Workdir, fn: Callable[[], object]):
+  """Runs `fn` (a stage) and appends its row to resources.jsonl (process 0's wall time and
+  resident peak: stt_jax.memory.Peak); returns what `fn` returns."""
+  start = time.perf_counter()
+  with memory.Peak() as peak:
+    out = fn()
+  row = {"stage": stage, "seconds": round(time.perf_counter() - start, 1),
+         "peak_rss_gib": round(peak.bytes / memory.GIB, 2),
+         "end_rss_gib": round(peak.end_bytes / memory.GIB, 2), "peak_since": peak.since,
+         "time": time.time()}
+  logging.info("%s: %.0f s, peak RSS %.2f GiB (since %s start), %.2f GiB at the end", stage,
+               row["seconds"], row["peak_rss_gib"], peak.since, row["end_rss_gib"])
+  if hosts.is_main():
+    path = resources_path(wd)
+    appendlog.cut_torn_tail(path)  # Left by a run killed while writing its row.
+    appendlog.append(path, [row], "report.resources")
+  return out
+
+
+def resources(workdirs: Sequence[str]) -> str:
+  """Markdown: each stage's wall time (all its runs) and the highest resident peak any run of
+  it reached; '' when no stage has recorded one."""
+  md = []
+  for wd in map(Workdir, workdirs):
+    stages: dict[str, dict] = {}
+    for r in read_metrics([resources_path(wd)]):
+      s = stages.setdefault(r["stage"], {"seconds": 0.0, "peak": 0.0, "runs": 0, "since": set()})
+      s["seconds"] += r["seconds"]
+      s["peak"] = max(s["peak"], r["peak_rss_gib"])
+      s["runs"] += 1
+      s["since"].add(r["peak_since"])
+    if not stages:
+      continue
+    title = f" ({os.path.basename(wd.root)})" if len(workdirs) > 1 else ""
+    md.append(f"\n### Time and memory per stage{title}\n\n| stage | runs | wall time | "
+              "peak RSS (GiB) |\n|---|---|---|---|")
+    for name, s in stages.items():
+      minutes, seconds = divmod(round(s["seconds"]), 60)
+      mark = "" if s["since"] == {"stage"} else " ‡"
+      md.append(f"| {name} | {s['runs']} | {minutes} min {seconds:02d} s | "
+                f"{s['peak']:.2f}{mark} |")
+    md.append("\nPeak RSS: the most resident memory of the pipeline process (process 0) while "
+              "the stage ran (Linux VmHWM, reset at each stage's start); ‡: the reset was not "
+              "permitted, so the number is the process's peak so far. The report stage's own "
+              "row is written after this file.")
+  return "\n".join(md) + ("\n" if md else "")
+
+
 def plot(rows: Sequence[dict], path: str) -> str | None:
   """Per-language grouped bars with 95% intervals per (model, task); plus accuracy vs model
   size when several models share the rows (the paper's Figure 2)."""
@@ -291,6 +349,7 @@ def write_report(workdirs: Sequence[str], out_dir: str | None = None) -> str:
   style = report_plots.Style(PRIMARY, VARIANT_ORDER, _color)
   md += report_plots.write_figures(out.report_figure, style, rows, runs, stats,
                                    out.report("png") if rows else None)
+  md += resources(workdirs)
   with open(out.report("md"), "w", encoding="utf-8") as f:
     f.write("# Self-Translate-Train results\n\n" + (md if rows else "No metrics yet.\n" + md))
   buf = io.StringIO()
