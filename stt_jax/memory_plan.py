@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stt_jax import engine, loss, sharding
-from stt_jax.models import hf_io, lora
+from stt_jax.models import attention, hf_io, lora
 from stt_jax.models.config import ModelConfig
 
 
@@ -107,16 +107,31 @@ def param_bytes(model: nnx.Module, sizes: dict, layout: str, kind=nnx.Param) -> 
   return total
 
 
-def scores_bytes(config: ModelConfig, rows: int, seq: int, dtype, tensor: int) -> int:
-  """One layer's attention scores under the XLA attention, per device: [heads, L, L] in
-  float32, their float32 gradient and the probabilities in the compute dtype. A fused
-  attention kernel (splash on TPU) never materialises them."""
+# Fused kernels: no [heads, L, L] scores in memory (splash_interpret: splash as tests run it).
+FUSED = ("splash", "splash_interpret", "cudnn")
+
+
+def scores_bytes(config: ModelConfig, rows: int, seq: int, dtype, tensor: int,
+                 implementation: str = "xla") -> int:
+  """One layer's attention scores per device under `implementation` (resolved
+  model.attention). The XLA and einsum attention materialise [heads, L, L] in float32, their
+  float32 gradient and the probabilities in the compute dtype; a fused kernel (splash on TPU,
+  cuDNN on GPU) keeps only its output and a float32 log-sum-exp per query and head."""
   heads = -(-config.num_attention_heads // tensor)
+  if implementation in FUSED:
+    return rows * heads * seq * 4
   return rows * heads * seq * seq * (4 + 4 + jnp.dtype(dtype).itemsize)
 
 
+def train_attention(cfg, config: ModelConfig) -> str:
+  """The attention implementation training runs on a TPU under cfg.model.attention ('auto'
+  is splash); an impossible choice (cudnn on TPU) is the one-line AttentionError."""
+  return attention.resolve(cfg.model.attention, cfg.train.dtype, config.head_dim,
+                           platform="tpu")
+
+
 def activation_bytes(config: ModelConfig, rows: int, seq: int, dtype, tensor: int,
-                     remat: bool) -> int:
+                     remat: bool, implementation: str = "xla") -> int:
   """Estimated per-device activation bytes of one micro-batch's forward + backward.
 
   rows: sequences per device. Per layer, in the compute dtype: the layer input, q/k/v/attn
@@ -131,7 +146,8 @@ def activation_bytes(config: ModelConfig, rows: int, seq: int, dtype, tensor: in
   h, i = config.hidden_size, config.intermediate_size
   q = config.num_attention_heads * config.head_dim
   per_token = (h + 4 * q // tensor + 3 * i // tensor + 2 * h) * item
-  layer = rows * seq * per_token + scores_bytes(config, rows, seq, dtype, tensor)
+  layer = rows * seq * per_token + scores_bytes(config, rows, seq, dtype, tensor,
+                                                implementation)
   inputs = rows * seq * h * item
   kept = config.num_hidden_layers * inputs + layer if remat else (
       config.num_hidden_layers * layer)
@@ -150,6 +166,7 @@ def train_plan(cfg, chip: Chip) -> dict:
   train_bytes = param_bytes(model, sizes, "train", trainable)
   all_bytes = param_bytes(model, sizes, "train", nnx.Param)
   frozen = all_bytes - train_bytes if t.method == "lora" else 0
+  impl = train_attention(cfg, config)
   dp = sizes["data"] * sizes["fsdp"]
   micro = t.batch_size // t.grad_accum
   rows = -(-micro // dp)
@@ -169,8 +186,9 @@ def train_plan(cfg, chip: Chip) -> dict:
       "gradients": train_bytes * (2 if t.grad_accum > 1 else 1),
       "fsdp_gather": gathered,
       "activations": activation_bytes(config, rows, t.seq_len, t.dtype, sizes["tensor"],
-                                       t.remat),
-      "scores": scores_bytes(config, rows, t.seq_len, t.dtype, sizes["tensor"]),
+                                       t.remat, impl),
+      "scores": scores_bytes(config, rows, t.seq_len, t.dtype, sizes["tensor"], impl),
+      "attention": impl,
       "rows_per_device": rows, "mesh": sizes,
   }
 
@@ -245,7 +263,7 @@ def table(cfg, chip: Chip) -> str:
       f"train: method={t.method} dtype={t.dtype} param_dtype={t.param_dtype} remat={t.remat} "
       f"batch={t.batch_size} grad_accum={t.grad_accum} seq_len={t.seq_len}: "
       f"{tr['rows_per_device']} rows per device, of which attention scores "
-      f"{gib(tr['scores'])} GiB (XLA attention; none with a fused kernel)",
+      f"{gib(tr['scores'])} GiB (model.attention={cfg.model.attention}: {tr['attention']})",
       f"decode: model.dtype={cfg.model.dtype} kv_dtype={p['translate']['kv_dtype']}; "
       f"translate {cfg.translate.batch_size} slots ({p['translate']['rows_per_device']} per "
       f"device), eval {cfg.eval.batch_size} ({p['eval_base']['rows_per_device']} per device), "
@@ -304,8 +322,10 @@ def advice(cfg, chip: Chip) -> list[str]:
         out.append(f"train: --config.train.grad_accum={accum} ({micro // dp} rows per device)")
         break
     else:
-      out.append("train: does not fit at any grad_accum; use train.method=lora, a larger "
-                 "chip, or a fused attention kernel")
+      fused = p["train"]["attention"] in FUSED
+      out.append("train: does not fit at any grad_accum; use train.method=lora"
+                 + (" or a larger chip" if fused else
+                    ", a larger chip, or a fused attention kernel (model.attention=auto)"))
   for name, key in (("translate", "translate.batch_size"), ("eval_trained", "eval.batch_size")):
     if p[name]["fits"] == "yes":
       continue

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from stt_jax import memory_plan, run_config, sharding, train
-from stt_jax.models import load_hf
+from stt_jax.models import attention, load_hf
 from tests import hf_tiny
 
 
@@ -110,9 +110,17 @@ def test_table_names_the_chip_and_what_to_change():
   run_config.validate(cfg)
   text = memory_plan.table(cfg, memory_plan.CHIPS["v5e-8"])
   assert "JAX sees 8 devices" in text and "| train |" in text and "| eval_trained |" in text
+  assert "attention scores 0.00 GiB (model.attention=auto: splash)" in text
   advice = memory_plan.advice(cfg, memory_plan.CHIPS["v5e-8"])
-  assert any(a.startswith("train: --config.train.grad_accum=") for a in advice)
+  assert not any(a.startswith("train:") for a in advice)  # Splash: no [heads, L, L] scores.
   assert any("--config.mesh.tensor=2" in a for a in advice)  # Decoding: weights + one slot.
+  cfg.model.attention = "xla"  # The XLA attention materialises them: 8 Thai rows do not fit.
+  assert any(a.startswith("train: --config.train.grad_accum=")
+             for a in memory_plan.advice(cfg, memory_plan.CHIPS["v5e-8"]))
+  cfg.model.attention = "cudnn"
+  with pytest.raises(attention.AttentionError, match="model.attention='cudnn'"):
+    memory_plan.train_plan(cfg, memory_plan.CHIPS["v5e-8"])
+  cfg.model.attention = "auto"
   cfg.mesh.tensor = 2
   assert all(s["fits"] == "yes" for s in memory_plan.plan(cfg, memory_plan.CHIPS["v5e-8"]).values()
              if "weights" in s)
