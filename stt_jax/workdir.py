@@ -18,6 +18,7 @@
     workdir/exports/<variant>/merged/            HF folder of the final checkpoint (export stage)
                               adapter/           PEFT LoRA adapter (LoRA runs)
                               export.json        marker: the checkpoint exported
+    workdir/resources.jsonl                      one row per run of a stage: wall time, peak RSS
     workdir/report.md, report.csv, report.png
             train_loss.png, eval_curves.png, translation_filters.png   (report_figure)
 
@@ -140,6 +141,12 @@ class Workdir:
   def report_figure(self, name: str) -> str:
     """A picture beside report.md (stt_jax.report_plots names them)."""
     return self.path(f"{name}.png")
+
+  @property
+  def resources(self) -> str:
+    """A row per run of a stage (seconds, peak and end RSS of process 0; written by
+    stages.report.measured for stt_jax.stages.run and the separate eval loop)."""
+    return self.path("resources.jsonl")
 
 
 def read_json(path: str) -> Any:

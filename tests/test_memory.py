@@ -30,7 +30,7 @@ def test_report_lists_each_stage_time_and_highest_peak(tmp_path):
   wd = Workdir(str(tmp_path))
   rows = [("translate", 100.0, 3.5, "stage"), ("train", 300.0, 6.25, "stage"),
           ("train", 20.0, 2.0, "stage"), ("eval", 65.0, 5.0, "process")]
-  with open(report.resources_path(wd), "w", encoding="utf-8") as f:
+  with open(wd.resources, "w", encoding="utf-8") as f:
     for stage, seconds, peak, since in rows:
       f.write(json.dumps({"stage": stage, "seconds": seconds, "peak_rss_gib": peak,
                           "end_rss_gib": 1.0, "peak_since": since}) + "\n")

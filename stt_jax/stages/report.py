@@ -32,7 +32,6 @@ from stt_jax.workdir import Workdir, read_json
 PRIMARY = {"mgsm": "accuracy", "xquad": "f1", "xnli": "accuracy"}
 VARIANT_ORDER = ("base", "zero_shot", "self_translate", "self_translate_cs")
 BASELINE = "zero_shot"
-RESOURCES = "resources.jsonl"
 
 
 def read_metrics(paths: Iterable[str]) -> list[dict]:
@@ -206,12 +205,6 @@ def train_cuts(workdirs: Sequence[str]) -> str:
           "seq_len tokens or more; raise train.seq_len to keep them.\n")
 
 
-def resources_path(wd: Workdir) -> str:
-  """workdir/resources.jsonl: a row per run of a stage (seconds, peak and end RSS of process
-  0; `measured` writes it, for stt_jax.stages.run and the separate eval loop)."""
-  return wd.path(RESOURCES)
-
-
 def measured(stage: str, wd: Workdir, fn: Callable[[], object]):
   """Runs `fn` (a stage) and appends its row to resources.jsonl (process 0's wall time and
   resident peak: stt_jax.memory.Peak); returns what `fn` returns."""
@@ -225,7 +218,7 @@ def measured(stage: str, wd: Workdir, fn: Callable[[], object]):
   logging.info("%s: %.0f s, peak RSS %.2f GiB (since %s start), %.2f GiB at the end", stage,
                row["seconds"], row["peak_rss_gib"], peak.since, row["end_rss_gib"])
   if hosts.is_main():
-    path = resources_path(wd)
+    path = wd.resources
     appendlog.cut_torn_tail(path)  # Left by a run killed while writing its row.
     appendlog.append(path, [row], "report.resources")
   return out
@@ -237,7 +230,7 @@ def resources(workdirs: Sequence[str]) -> str:
   md = []
   for wd in map(Workdir, workdirs):
     stages: dict[str, dict] = {}
-    for r in read_metrics([resources_path(wd)]):
+    for r in read_metrics([wd.resources]):
       s = stages.setdefault(r["stage"], {"seconds": 0.0, "peak": 0.0, "runs": 0, "since": set()})
       s["seconds"] += r["seconds"]
       s["peak"] = max(s["peak"], r["peak_rss_gib"])
