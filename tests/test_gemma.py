@@ -16,7 +16,7 @@ import torch
 import transformers
 from flax import nnx
 
-from stt_jax import sharding
+from stt_jax import memory_plan, preflight, run_config, sharding
 from stt_jax.models import ConfigError, ModelConfig, attention, hf_io, load_hf, lora
 from tests import hf_tiny
 
@@ -109,6 +109,15 @@ def test_soft_cap_picks_a_capping_kernel(gemma2):
     assert "\n" not in str(e.value) and "soft-cap" in str(e.value)
   with pytest.raises(attention.AttentionError, match="einsum"):
     load_hf(gemma2, attention="xla")
+  cfg = run_config.get_config()  # Preflight and the memory plan apply the same rule.
+  cfg.model.path, cfg.model.attention = gemma2, "xla"
+  with pytest.raises(attention.AttentionError, match="soft-cap"):
+    preflight.check_attention(cfg, ("train",))
+  with pytest.raises(attention.AttentionError, match="soft-cap"):
+    memory_plan.train_attention(cfg, ModelConfig.from_hf(gemma2))
+  cfg.model.attention = "auto"
+  preflight.check_attention(cfg, ("train", "eval"), platform="gpu")
+  assert memory_plan.train_attention(cfg, ModelConfig.from_hf(gemma2)) == "splash"
 
 
 def test_scanned_unrolled_and_sharded_agree(gemma2, gemma3):
