@@ -17,7 +17,7 @@ import transformers
 from flax import nnx
 
 from stt_jax import memory_plan, preflight, run_config, sharding
-from stt_jax.models import ConfigError, ModelConfig, attention, hf_io, load_hf, lora
+from stt_jax.models import CausalLM, ConfigError, ModelConfig, attention, hf_io, load_hf, lora
 from tests import hf_tiny
 
 
@@ -187,3 +187,36 @@ def test_loss_gradients_match_transformers(kind, gemma2, gemma3):
       got = got.T if transpose else got
       worst = max(worst, np.abs(got - want).max() / np.abs(want).max())
   assert worst < 1e-4, f"max relative gradient difference {worst:.2e}"
+
+
+def test_splash_applies_the_scale_and_soft_cap():
+  """auto on a TPU runs splash for Gemma 2: its scale and cap equal the einsum reference
+  (the kernel in Pallas interpret mode; padding, packing, a full and a windowed layer)."""
+  from tests import test_attention  # pylint: disable=g-import-not-at-top
+  config = dataclasses.replace(
+      test_attention.CONFIG, architecture="Gemma2ForCausalLM", qkv_bias=False,
+      hidden_act="gelu_pytorch_tanh", embed_scale=True, norm_unit_offset=True,
+      sandwich_norms=True, query_pre_attn_scalar=6.0, attn_logit_softcapping=1.0,
+      final_logit_softcapping=5.0)
+  batch = test_attention._batch()  # pylint: disable=protected-access
+  loss_fn = test_attention._loss  # pylint: disable=protected-access
+  real = np.asarray(batch[1])
+  out = {}
+  def build(config, impl):  # Weights large enough that the scores reach the cap.
+    model = CausalLM(config, rngs=nnx.Rngs(0), attention=impl)
+    rng = np.random.default_rng(0)
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+      var.set_value(jnp.asarray(0.3 * rng.standard_normal(var.get_value().shape), jnp.float32))
+    return model
+
+  for impl in ("einsum", "splash_interpret"):
+    model = build(config, impl)
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, *batch)
+    out[impl] = (np.asarray(logits)[real], float(loss),
+                 {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(grads)})
+  (l0, loss0, g0), (l1, loss1, g1) = out["einsum"], out["splash_interpret"]
+  assert np.abs(l1 - l0).max() < 1e-5 and abs(loss1 - loss0) < 1e-6
+  assert max(np.abs(g1[k] - g0[k]).max() for k in g0) < 1e-5
+  uncapped = build(dataclasses.replace(config, attn_logit_softcapping=None), "einsum")
+  _, logits = loss_fn(uncapped, *batch)
+  assert np.abs(np.asarray(logits)[real] - l0).max() > 1e-3  # The cap bites.
