@@ -94,9 +94,9 @@ def resolve(requested: str, dtype, head_dim: int, platform: str | None = None,
   if requested == "auto":
     if platform == "tpu":
       chosen = "splash"
-    elif soft_cap:
+    elif soft_cap:  # The only capping kernel off TPU.
       chosen = "einsum"
-      cudnn_why = "no logit soft-cap"
+      cudnn_why = "jax.nn.dot_product_attention has no logit soft-cap"
     elif platform == "gpu" and cudnn_why is None:
       chosen = "cudnn"
     else:
