@@ -25,6 +25,20 @@ TINY = {
     "mistral_window": (transformers.MistralConfig, dict(
         num_attention_heads=4, num_key_value_heads=2, sliding_window=5)),
     "qwen2": (transformers.Qwen2Config, dict(num_attention_heads=4, num_key_value_heads=2)),
+    # Gemma 2: alternating local/global layers, both soft-caps low enough to bite,
+    # query_pre_attn_scalar != head_dim, tied embeddings (the Gemma default).
+    "gemma2": (transformers.Gemma2Config, dict(
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        sliding_window=4, query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0)),
+    # Gemma 3 (text): 5 local layers then 1 global, q/k norms, local RoPE base 10k, global
+    # 1M with linear scaling.
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        sliding_window=4, query_pre_attn_scalar=24,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
 }
 
 
@@ -32,9 +46,9 @@ def make_tiny(kind: str, out_dir: str, seed: int = 0, dtype=torch.float32, **ove
   """Builds a random tiny HF model of `kind`, with every weight (biases and norms included)
   randomised so a mis-loaded tensor changes the logits, and saves it to `out_dir`."""
   cls, kwargs = TINY[kind]
-  kwargs = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                pad_token_id=0, **kwargs)
+  kwargs = {**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0), **kwargs}
   kwargs.update(overrides)
   config = cls(**kwargs)
   config._attn_implementation = "eager"

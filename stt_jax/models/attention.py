@@ -19,7 +19,8 @@ Full-sequence self-attention (training, the loss, log-likelihood scoring: every
   sequence is padded to a multiple of 128 (the kernel's block size). `splash_interpret` runs
   the same kernel in Pallas interpret mode on any platform (tests, benchmarks).
 - `auto`: TPU -> splash; GPU -> cudnn when the dtype and head_dim allow, else xla; CPU ->
-  xla. The choice is logged once.
+  xla. With an attention logit soft-cap (Gemma 2): TPU -> splash, else einsum. The choice is
+  logged once.
 
 Padding and packing reach the kernels as segment ids, one per query and one per key: a query
 sees the earlier keys of its own segment (and, with a window w, only the last w of them: HF's
@@ -36,8 +37,10 @@ call's own tokens) with a per-token mask; only the last block is a segment-causa
 a kernel could run (segments = slots), merged with the other two by their log-sum-exp, which is
 left for when prompt prefill dominates the engine's time.
 
-Every kernel takes `soft_cap` (Gemma 2's tanh logit cap) in its signature; einsum and splash
-apply it, xla and cudnn refuse it.
+Every kernel takes `scale` (the scores' factor: head_dim ** -0.5, or Gemma's
+query_pre_attn_scalar ** -0.5) and `soft_cap` (Gemma 2's cap * tanh(scores / cap), after the
+scale, before the mask); einsum and splash apply the cap, xla and cudnn cannot
+(jax.nn.dot_product_attention has none), so `resolve` refuses them for a capped model.
 """
 
 from __future__ import annotations
@@ -72,19 +75,28 @@ def _error(requested: str, why: str, fix: str) -> AttentionError:
   return AttentionError(f"model.attention={requested!r}: {why}; {fix}")
 
 
-def resolve(requested: str, dtype, head_dim: int, platform: str | None = None) -> str:
+def resolve(requested: str, dtype, head_dim: int, platform: str | None = None,
+            soft_cap: float | None = None) -> str:
   """The implementation that runs for `requested` (one of IMPLEMENTATIONS) on `platform`
-  (default: jax's default backend) with compute `dtype`; `auto` picks per platform and logs
-  its choice once. An impossible request raises AttentionError, one line naming the key."""
+  (default: jax's default backend) with compute `dtype` and the model's attention logit
+  `soft_cap`; `auto` picks per platform and logs its choice once. An impossible request
+  raises AttentionError, one line naming the key."""
   platform = (platform or jax.default_backend()).lower()
   platform = "gpu" if platform in ("cuda", "rocm") else platform
   dtype = jnp.dtype(dtype)
   if requested not in IMPLEMENTATIONS + _LIBRARY_ONLY:
     raise _error(requested, "unknown implementation", f"use one of {', '.join(IMPLEMENTATIONS)}")
   cudnn_why = _cudnn_unfit(dtype, head_dim)
+  if soft_cap and requested in ("xla", "cudnn"):
+    raise _error(requested, f"the model caps attention logits (attn_logit_softcapping="
+                 f"{soft_cap:g}) and jax.nn.dot_product_attention has no soft-cap",
+                 "use model.attention=auto (splash on TPU, einsum elsewhere) or einsum")
   if requested == "auto":
     if platform == "tpu":
       chosen = "splash"
+    elif soft_cap:
+      chosen = "einsum"
+      cudnn_why = "no logit soft-cap"
     elif platform == "gpu" and cudnn_why is None:
       chosen = "cudnn"
     else:
@@ -156,32 +168,34 @@ class Segments:
 
 
 def causal(q: jax.Array, k: jax.Array, v: jax.Array, mask: Segments, *,
-           mesh: Mesh | None = None, soft_cap: float | None = None) -> jax.Array:
+           mesh: Mesh | None = None, soft_cap: float | None = None,
+           scale: float | None = None) -> jax.Array:
   """Causal self-attention within segments. q [B, L, H, D]; k, v [B, K, L, D]
-  (H a multiple of K); mesh: where the activations live (splash runs under shard_map on it).
-  Returns [B, L, H, D] in q's dtype."""
+  (H a multiple of K); mesh: where the activations live (splash runs under shard_map on it);
+  scale: the scores' factor (default D ** -0.5). Returns [B, L, H, D] in q's dtype."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
   if mask.window_index is not None:  # Scanned layers of different windows: one branch each.
-    branches = [functools.partial(_causal_static, window=w, soft_cap=soft_cap,
+    branches = [functools.partial(_causal_static, window=w, soft_cap=soft_cap, scale=scale,
                                   mask=mask.for_window(w), mesh=mesh) for w in mask.windows]
     return jax.lax.switch(mask.window_index, [lambda q, k, v, f=f: f(q, k, v) for f in branches],
                           q, k, v)
   return _causal_static(q, k, v, mask=mask, window=mask.window, soft_cap=soft_cap,
-                        mesh=mesh)
+                        scale=scale, mesh=mesh)
 
 
-def _causal_static(q, k, v, *, mask: Segments, window: int | None, soft_cap, mesh):
+def _causal_static(q, k, v, *, mask: Segments, window: int | None, soft_cap, scale, mesh):
   impl = mask.implementation
   if impl == "einsum":
     dense_mask = segment_mask(mask.q_segment_ids, mask.segment_ids, window)[:, None]
-    return dense(q, k, v, dense_mask, soft_cap=soft_cap)
+    return dense(q, k, v, dense_mask, soft_cap=soft_cap, scale=scale)
   if impl in ("xla", "cudnn"):
     if soft_cap is not None:
       raise _error(impl, "jax.nn.dot_product_attention has no logit soft-cap",
                    "use model.attention=einsum (or splash on TPU)")
-    return _jax_nn(q, k, v, mask.q_segment_ids, mask.segment_ids, window, impl)
+    return _jax_nn(q, k, v, mask.q_segment_ids, mask.segment_ids, window, impl, scale)
   if impl in ("splash", "splash_interpret"):
-    return _splash(q, k, v, mask.q_segment_ids, mask.segment_ids, window, soft_cap, mesh=mesh,
-                   interpret=impl == "splash_interpret")
+    return _splash(q, k, v, mask.q_segment_ids, mask.segment_ids, window, soft_cap, scale,
+                   mesh=mesh, interpret=impl == "splash_interpret")
   raise _error(impl, "not a resolved implementation", "pass it through attention.resolve")
 
 
@@ -197,19 +211,24 @@ def segment_mask(q_segment_ids: jax.Array, segment_ids: jax.Array,
 
 
 def dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-          soft_cap: float | None = None) -> jax.Array:
+          soft_cap: float | None = None, scale: float | None = None) -> jax.Array:
   """The reference: float32 scores with a dense mask. q [B, L, H, D]; k, v [B, K, S, D];
-  mask [B, 1, L, S] bool. Returns [B, L, H, D] in q's dtype."""
+  mask [B, 1, L, S] bool; scale default D ** -0.5. Returns [B, L, H, D] in q's dtype."""
   b, l, h, d = q.shape
   kh = k.shape[1]
   q = q.reshape(b, l, kh, h // kh, d)
   scores = jnp.einsum("blkgd,bksd->bkgls", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (d ** -0.5)
-  if soft_cap is not None:
-    scores = soft_cap * jnp.tanh(scores / soft_cap)
+  scores = cap_scores(scores * (d ** -0.5 if scale is None else scale), soft_cap)
   scores = jnp.where(mask[:, :, None, :, :], scores, NEG)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   return jnp.einsum("bkgls,bksd->blkgd", probs, v).reshape(b, l, h, d)
+
+
+def cap_scores(scores: jax.Array, soft_cap: float | None) -> jax.Array:
+  """Gemma 2's logit soft-cap: cap * tanh(scores / cap); identity without a cap."""
+  if soft_cap is None:
+    return scores
+  return soft_cap * jnp.tanh(scores / soft_cap)
 
 
 def _pad_length(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
@@ -221,7 +240,7 @@ def _pad_length(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _jax_nn(q, k, v, q_seg, kv_seg, window, impl):
+def _jax_nn(q, k, v, q_seg, kv_seg, window, impl, scale):
   l = q.shape[1]
   if impl == "cudnn":  # cuDNN's training kernels with a bias need even lengths.
     q, k, v = _pad_length(q, 1, 2), _pad_length(k, 2, 2), _pad_length(v, 2, 2)
@@ -230,7 +249,8 @@ def _jax_nn(q, k, v, q_seg, kv_seg, window, impl):
   mask = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None]  # [B, 1, L, L]
   out = jax.nn.dot_product_attention(
       q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask, is_causal=True,
-      local_window_size=None if window is None else (window - 1, 0), implementation=impl)
+      local_window_size=None if window is None else (window - 1, 0), implementation=impl,
+      scale=scale)
   return out[:, :l]
 
 
@@ -260,11 +280,11 @@ def _splash_kernel(length: int, groups: int, window: int | None, soft_cap: float
                               interpret=interpret)
 
 
-def _splash(q, k, v, q_seg, kv_seg, window, soft_cap, *, mesh, interpret):
+def _splash(q, k, v, q_seg, kv_seg, window, soft_cap, scale, *, mesh, interpret):
   b, l, h, d = q.shape
   kh = k.shape[1]
   g = h // kh
-  q = (q * (d ** -0.5)).astype(q.dtype)  # The kernel does not scale the logits.
+  q = (q * scale).astype(q.dtype)  # The kernel does not scale the logits.
   q = _pad_length(q, 1, SPLASH_BLOCK)
   k, v = _pad_length(k, 2, SPLASH_BLOCK), _pad_length(v, 2, SPLASH_BLOCK)
   # The padded tail is one more segment: it sees only itself, the real tokens never see it.

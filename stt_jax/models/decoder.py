@@ -1,4 +1,9 @@
-"""One NNX decoder for the Llama family: Llama 2/3/3.1, Mistral, Qwen2/2.5.
+"""One NNX decoder for Llama 2/3/3.1, Mistral, Qwen2/2.5, Gemma 2 and Gemma 3 (text).
+
+The families differ only in ModelConfig switches read here: Gemma's sqrt(hidden) embedding
+scale, (1 + w) RMSNorm, the norms after attention and around the MLP (`sandwich_norms`),
+GeGLU, q/k norms, query_pre_attn_scalar, attention and final logit soft-caps, and a RoPE table
+per layer type (sliding layers' local base); sliding windows are per layer for every family.
 
 Parameter names and the module tree mirror Hugging Face (`model.layers.N.self_attn.q_proj`),
 so loading is renames plus transposes (see hf_io.py). With `scan_layers` (the default) the
@@ -148,17 +153,27 @@ def _linear(cfg_in: int, cfg_out: int, axes: tuple[str, str], bias: bool, dtype,
 
 
 class RMSNorm(nnx.Module):
-  """HF Llama RMSNorm: normalise in float32, cast back, then scale."""
+  """HF Llama RMSNorm: normalise in float32, cast back, then scale. With `unit_offset`
+  (Gemma) the weight is stored as w and scales by (1 + w), in float32 before the cast."""
 
-  def __init__(self, dim: int, eps: float, *, param_dtype):
-    self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+  def __init__(self, dim: int, eps: float, *, param_dtype, unit_offset: bool = False):
+    init = jnp.zeros if unit_offset else jnp.ones
+    self.weight = nnx.Param(init((dim,), param_dtype), logical_axes=("norm",))
     self.eps = eps
+    self.unit_offset = unit_offset
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = x.dtype
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.unit_offset:
+      return (x32 * (1.0 + self.weight[...].astype(jnp.float32))).astype(dtype)
     return self.weight[...].astype(dtype) * x32.astype(dtype)
+
+
+def _norm(config: ModelConfig, dim: int, param_dtype) -> RMSNorm:
+  return RMSNorm(dim, config.rms_norm_eps, param_dtype=param_dtype,
+                 unit_offset=config.norm_unit_offset)
 
 
 def rope_cos_sin(inv_freq: np.ndarray, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -188,6 +203,12 @@ class Attention(nnx.Module):
     self.k_proj = _linear(c.hidden_size, kv_dim, ("embed", "kv_heads"), c.qkv_bias, **args)
     self.v_proj = _linear(c.hidden_size, kv_dim, ("embed", "kv_heads"), c.qkv_bias, **args)
     self.o_proj = _linear(q_dim, c.hidden_size, ("heads", "embed"), c.o_bias, **args)
+    if c.qk_norm:  # Gemma 3: RMSNorm over each head's vector, before RoPE.
+      self.q_norm = _norm(c, c.head_dim, param_dtype)
+      self.k_norm = _norm(c, c.head_dim, param_dtype)
+    self.qk_norm = c.qk_norm
+    self.scale = c.attn_scale
+    self.soft_cap = c.attn_logit_softcapping
     self.dtype = dtype
     self.mesh = mesh
 
@@ -197,6 +218,8 @@ class Attention(nnx.Module):
     q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+    if self.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     q = sharding.constrain(apply_rope(q, cos, sin), self.mesh,
                            ("batch", "length", "act_heads", None))
     k = sharding.constrain(apply_rope(k, cos, sin), self.mesh,
@@ -220,7 +243,8 @@ class Attention(nnx.Module):
     b, l, _ = x.shape
     q, k, v = self.project(x, cos, sin)
     if isinstance(mask, attention_lib.Segments):
-      out = attention_lib.causal(q, k, v, mask, mesh=self.mesh)
+      out = attention_lib.causal(q, k, v, mask, mesh=self.mesh, soft_cap=self.soft_cap,
+                                 scale=self.scale)
       return self.output(out.reshape(b, l, self.num_heads * self.head_dim)), None
     new_cache = None
     if cache is not None:
@@ -230,7 +254,8 @@ class Attention(nnx.Module):
       v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
       new_cache = (k_all, v_all)
       k, v = k_all[layer].astype(self.dtype), v_all[layer].astype(self.dtype)
-    out = attention_lib.dense(q, k, v, mask).reshape(b, l, self.num_heads * self.head_dim)
+    out = attention_lib.dense(q, k, v, mask, soft_cap=self.soft_cap, scale=self.scale)
+    out = out.reshape(b, l, self.num_heads * self.head_dim)
     return self.output(out), new_cache
 
   def with_slots(self, x, cos, sin, view: SlotView):
@@ -242,7 +267,7 @@ class Attention(nnx.Module):
     k_all, v_all = view.write(k, v)
     k_rows, v_rows = view.read(k_all, v_all)
     groups = self.num_heads // self.num_kv_heads
-    q = q.reshape(b, l, self.num_kv_heads, groups, self.head_dim) * (self.head_dim ** -0.5)
+    q = q.reshape(b, l, self.num_kv_heads, groups, self.head_dim)
     pk, pv = view.prefix_kv()
     per_row = [(k_rows, v_rows)]
     if view.self_keys:  # As stored: rounded to the cache's dtype, as a later read sees them.
@@ -251,7 +276,9 @@ class Attention(nnx.Module):
                          preferred_element_type=jnp.float32)]
     scores += [jnp.einsum("blkgd,bksd->bkgls", q, kr.astype(self.dtype),
                           preferred_element_type=jnp.float32) for kr, _ in per_row]
-    scores = jnp.where(view.mask[:, None, None], jnp.concatenate(scores, axis=-1), _NEG)
+    scores = attention_lib.cap_scores(jnp.concatenate(scores, axis=-1) * self.scale,
+                                      self.soft_cap)
+    scores = jnp.where(view.mask[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     c = pk.shape[1]
     out = jnp.einsum("bkgls,ksd->blkgd", probs[..., :c], pv.astype(self.dtype))
@@ -263,7 +290,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  """Gated feed-forward: down(act(gate(x)) * up(x)); act silu (SwiGLU) or tanh-approximated
+  gelu (Gemma's GeGLU, `gelu_pytorch_tanh`)."""
 
   def __init__(self, config: ModelConfig, *, dtype, param_dtype, mesh, rngs):
     c = config
@@ -274,23 +302,32 @@ class MLP(nnx.Module):
                            **args)
     self.down_proj = _linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), c.mlp_bias,
                              **args)
+    self.gelu = c.hidden_act == "gelu_pytorch_tanh"
     self.mesh = mesh
 
   def __call__(self, x):
-    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    gate = self.gate_proj(x)
+    gate = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+    h = gate * self.up_proj(x)
     h = sharding.constrain(h, self.mesh, ("batch", "length", "act_mlp"))
     return self.down_proj(h)
 
 
 class DecoderLayer(nnx.Module):
+  """Pre-norm residual block. Llama: x + attn(norm(x)), then x + mlp(post_attention(x)).
+  With `sandwich_norms` (Gemma) post_attention_layernorm normalises the attention output and
+  the MLP has its own pre_ and post_feedforward_layernorm, as the HF names say."""
 
   def __init__(self, config: ModelConfig, *, dtype, param_dtype, mesh, rngs):
     args = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, rngs=rngs)
-    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                   param_dtype=param_dtype)
+    h = config.hidden_size
+    self.input_layernorm = _norm(config, h, param_dtype)
     self.self_attn = Attention(config, **args)
-    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                            param_dtype=param_dtype)
+    self.post_attention_layernorm = _norm(config, h, param_dtype)
+    if config.sandwich_norms:
+      self.pre_feedforward_layernorm = _norm(config, h, param_dtype)
+      self.post_feedforward_layernorm = _norm(config, h, param_dtype)
+    self.sandwich = config.sandwich_norms
     self.mlp = MLP(config, **args)
     self.mesh = mesh
 
@@ -302,8 +339,12 @@ class DecoderLayer(nnx.Module):
 
   def _block(self, x, attend):
     h, new_cache = attend(self.input_layernorm(x))
-    x = x + h
-    x = x + self.mlp(self.post_attention_layernorm(x))
+    if self.sandwich:
+      x = x + self.post_attention_layernorm(h)
+      x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    else:
+      x = x + h
+      x = x + self.mlp(self.post_attention_layernorm(x))
     return sharding.constrain(x, self.mesh, ("batch", "length", "act_embed")), new_cache
 
 
@@ -322,7 +363,7 @@ class DecoderModel(nnx.Module):
     else:
       self.layers = nnx.List([DecoderLayer(config, rngs=rngs, **args)
                               for _ in range(config.num_hidden_layers)])
-    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+    self.norm = _norm(config, config.hidden_size, param_dtype)
 
 
 def stacked_layers(config: ModelConfig, n: int, *, rngs: nnx.Rngs, **args) -> DecoderLayer:
@@ -359,7 +400,8 @@ class CausalLM(nnx.Module):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.config = config
     self.dtype = jnp.dtype(dtype)
-    self.attention = attention_lib.resolve(attention, self.dtype, config.head_dim)
+    self.attention = attention_lib.resolve(attention, self.dtype, config.head_dim,
+                                           soft_cap=config.attn_logit_softcapping)
     # Recompute each layer in the backward pass instead of storing its activations (training
     # memory ~ one layer's activations + the layer inputs); set by the trainer.
     self.remat = False
@@ -405,15 +447,16 @@ class CausalLM(nnx.Module):
       used = {self.config.sliding_window(i) for i in range(self.config.num_hidden_layers)}
       windows = {w: segs.for_window(w) for w in sorted(used, key=lambda w: w or 0)}
     hidden = self._embed(input_ids)
-    cos, sin = rope_cos_sin(self.config.inv_freq(), positions, self.dtype)
+    ropes = self._ropes(positions)
     if self.scan_layers:
-      def body(h, layer, mask, i, _):
-        return layer(h, cos, sin, mask, None)[0], None
-      hidden, _ = self._scan(body, hidden, windows, remat=self.remat)
+      def body(h, layer, mask, rope, i, _):
+        return layer(h, *rope, mask, None)[0], None
+      hidden, _ = self._scan(body, hidden, windows, ropes, remat=self.remat)
       return self.model.norm(hidden)
     call = nnx.remat(_layer_call) if self.remat else _layer_call
     for i, layer in enumerate(self.model.layers):
-      hidden = call(layer, hidden, cos, sin, windows[self.config.sliding_window(i)])
+      hidden = call(layer, hidden, *ropes[self.config.rope_index(i)],
+                    windows[self.config.sliding_window(i)])
     return self.model.norm(hidden)
 
   def forward_cached(self, input_ids: jax.Array, attention_mask: jax.Array,
@@ -431,7 +474,7 @@ class CausalLM(nnx.Module):
     mask = (k_idx[None, :] <= q_idx[:, None])[None] & valid[:, None, :]
     windows = self._window_masks(mask[:, None], q_idx, k_idx)
     hidden = self._embed(input_ids)
-    cos, sin = rope_cos_sin(self.config.inv_freq(), positions, self.dtype)
+    ropes = self._ropes(positions)
     ks, vs = cache.k, cache.v
     if self.scan_layers:
       # The whole cache rides in the carry and each step writes its layer's slot in place
@@ -439,14 +482,15 @@ class CausalLM(nnx.Module):
       # k[l], v[l] as scanned inputs and the updated slices as outputs measured the same
       # (Qwen2.5-0.5B decode bucket on CPU: compile and decode time within noise), and the
       # carry needs no per-layer copy of the slices.
-      def body(carry, layer, mask, i, _):
+      def body(carry, layer, mask, rope, i, _):
         h, ks, vs = carry
-        h, (ks, vs) = layer(h, cos, sin, mask, (ks, vs, i, cache.index))
+        h, (ks, vs) = layer(h, *rope, mask, (ks, vs, i, cache.index))
         return (h, ks, vs), None
-      (hidden, ks, vs), _ = self._scan(body, (hidden, ks, vs), windows)
+      (hidden, ks, vs), _ = self._scan(body, (hidden, ks, vs), windows, ropes)
     else:
       for i, layer in enumerate(self.model.layers):
-        hidden, (ks, vs) = layer(hidden, cos, sin, windows[self.config.sliding_window(i)],
+        hidden, (ks, vs) = layer(hidden, *ropes[self.config.rope_index(i)],
+                                 windows[self.config.sliding_window(i)],
                                  (ks, vs, i, cache.index))
     new_cache = KVCache(k=ks, v=vs, valid=valid, index=cache.index + l)
     if last_only:
@@ -523,7 +567,7 @@ class CausalLM(nnx.Module):
     for w in set(self.config.sliding_windows or ()) - {None}:
       masks[w] = visible & (k_pos[:, None, :] > pos[:, :, None] - w)
     hidden = self._embed(input_ids)
-    cos, sin = rope_cos_sin(self.config.inv_freq(), pos, self.dtype)
+    ropes = self._ropes(pos)
 
     def view(ks, vs, i, mask):
       return SlotView(ks, vs, i, rows, idx, prefix.k, prefix.v, mask, write_rows=write_rows,
@@ -531,15 +575,16 @@ class CausalLM(nnx.Module):
 
     ks, vs = cache.k, cache.v
     if self.scan_layers:  # The caches ride in the carry, as in forward_cached.
-      def body(carry, layer, mask, i, _):
+      def body(carry, layer, mask, rope, i, _):
         h, ks, vs = carry
-        h, (ks, vs) = layer.with_slots(h, cos, sin, view(ks, vs, i, mask))
+        h, (ks, vs) = layer.with_slots(h, *rope, view(ks, vs, i, mask))
         return (h, ks, vs), None
-      (hidden, ks, vs), _ = self._scan(body, (hidden, ks, vs), masks)
+      (hidden, ks, vs), _ = self._scan(body, (hidden, ks, vs), masks, ropes)
     else:
       for i, layer in enumerate(self.model.layers):
         hidden, (ks, vs) = layer.with_slots(
-            hidden, cos, sin, view(ks, vs, i, masks[self.config.sliding_window(i)]))
+            hidden, *ropes[self.config.rope_index(i)],
+            view(ks, vs, i, masks[self.config.sliding_window(i)]))
     return hidden, ks, vs
 
   def prefill_prefix(self, input_ids: jax.Array, length: jax.Array, dtype=None) -> PrefixCache:
@@ -557,23 +602,26 @@ class CausalLM(nnx.Module):
 
   # ------------------------------------------------------------------ pieces
 
-  def _scan(self, body, carry, windows: dict[Any, jax.Array], xs=None, remat: bool = False):
-    """Runs `body(carry, layer, mask, i, x) -> (carry, y)` over the stacked layers with
+  def _scan(self, body, carry, windows: dict[Any, jax.Array], ropes, xs=None,
+            remat: bool = False):
+    """Runs `body(carry, layer, mask, rope, i, x) -> (carry, y)` over the stacked layers with
     `lax.scan`; returns (carry, stacked ys). The parameters are scanned (row i = layer i),
     as are `xs`; everything else of the layer (the LoRA dropout key) is shared. `mask` is
-    layer i's entry of `windows`: the distinct masks are stacked and indexed with a per-layer
-    window index (a scanned input)."""
+    layer i's entry of `windows` and `rope` its (cos, sin) of `ropes`: the distinct masks and
+    tables are stacked and indexed with per-layer indices (scanned inputs)."""
     n = self.config.num_hidden_layers
     graphdef, params, rest = nnx.split(self.model.layers, nnx.Param, ...)
     keys = list(windows)
     window_idx = jnp.asarray([keys.index(self.config.sliding_window(i)) for i in range(n)],
                              jnp.int32)
+    rope_idx = jnp.asarray([self.config.rope_index(i) for i in range(n)], jnp.int32)
+    rope_stack = (jax.tree.map(lambda *t: jnp.stack(t), *ropes) if len(ropes) > 1 else None)
     segments = isinstance(windows[keys[0]], attention_lib.Segments)
     stacked = (jnp.stack([windows[k] for k in keys]) if len(keys) > 1 and not segments
                else None)
 
     def step(c, inputs):
-      p, i, w, x = inputs
+      p, i, w, r, x = inputs
       layer = nnx.merge(graphdef, p, rest, copy=True)  # Fresh variables in this trace.
       lora.fold_in_layer(layer, i)  # Distinct adapter dropout per layer (no-op without LoRA).
       if segments:  # A kernel's window is static: the layer picks its branch (lax.switch).
@@ -581,14 +629,22 @@ class CausalLM(nnx.Module):
                 else windows[keys[0]].for_windows(w, tuple(keys)))
       else:
         mask = windows[keys[0]] if stacked is None else stacked[w]
-      return body(c, layer, mask, i, x)
+      rope = ropes[0] if rope_stack is None else jax.tree.map(lambda t: t[r], rope_stack)
+      return body(c, layer, mask, rope, i, x)
 
     if remat:  # The layer body is recomputed in the backward pass, as nnx.remat unrolled.
       step = jax.checkpoint(step, prevent_cse=False)
-    return jax.lax.scan(step, carry, (params, jnp.arange(n, dtype=jnp.int32), window_idx, xs))
+    return jax.lax.scan(step, carry,
+                        (params, jnp.arange(n, dtype=jnp.int32), window_idx, rope_idx, xs))
+
+  def _ropes(self, positions: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """(cos, sin) [B, L, head_dim] of each RoPE table (`ModelConfig.rope_tables`)."""
+    return [rope_cos_sin(inv, positions, self.dtype) for inv in self.config.rope_tables()]
 
   def _embed(self, input_ids):
     hidden = self.model.embed_tokens(input_ids).astype(self.dtype)
+    if self.config.embed_scale:  # Gemma: sqrt(hidden), rounded to the compute dtype as HF.
+      hidden = hidden * jnp.asarray(self.config.hidden_size ** 0.5, self.dtype)
     return sharding.constrain(hidden, self.mesh, ("batch", "length", "act_embed"))
 
   def logits(self, hidden: jax.Array) -> jax.Array:
@@ -597,7 +653,8 @@ class CausalLM(nnx.Module):
       logits = self.model.embed_tokens.attend(hidden)
     else:
       logits = self.lm_head(hidden)
-    logits = logits.astype(jnp.float32)
+    logits = attention_lib.cap_scores(logits.astype(jnp.float32),
+                                      self.config.final_logit_softcapping)
     return sharding.constrain(logits, self.mesh, ("batch", "length", "act_vocab"))
 
   def _window_masks(self, mask, q_idx, k_idx) -> dict[Any, jax.Array]:

@@ -41,6 +41,8 @@ NAME_TABLE = (
     ("model.embed_tokens.weight", "model.embed_tokens.embedding", False),
     ("model.layers.{i}.self_attn.{proj}.weight", "model.layers.{i}.self_attn.{proj}.kernel", True),
     ("model.layers.{i}.self_attn.{proj}.bias", "model.layers.{i}.self_attn.{proj}.bias", False),
+    ("model.layers.{i}.self_attn.{qk}_norm.weight", "model.layers.{i}.self_attn.{qk}_norm.weight",
+     False),
     ("model.layers.{i}.mlp.{proj}.weight", "model.layers.{i}.mlp.{proj}.kernel", True),
     ("model.layers.{i}.mlp.{proj}.bias", "model.layers.{i}.mlp.{proj}.bias", False),
     ("model.layers.{i}.{norm}.weight", "model.layers.{i}.{norm}.weight", False),
@@ -52,7 +54,7 @@ IGNORED = (re.compile(r".*\.rotary_emb\.inv_freq$"),)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
                    "chat_template.jinja", "generation_config.json")
-_PLACEHOLDER = {"i": r"\d+", "proj": r"[a-z_]+_proj", "norm": r"[a-z_]+layernorm"}
+_PLACEHOLDER = {"i": r"\d+", "proj": r"[a-z_]+_proj", "norm": r"[a-z_]+layernorm", "qk": "[qk]"}
 
 
 class LoadError(ValueError):
