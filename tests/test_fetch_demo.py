@@ -253,9 +253,10 @@ def test_tiny_matches_transformers_gguf_route(tiny_gguf, tmp_path):
     assert our_tok(text).input_ids == ref_tok(text).input_ids
 
 
-def test_conversion_never_imports_torch(tiny_gguf, tmp_path):
+@pytest.mark.parametrize("fixture", ["tiny_gguf", "tiny_gemma"])
+def test_conversion_never_imports_torch(fixture, request, tmp_path):
   """stt_jax must run where torch is absent (TPU VMs): the CLI path may not import it."""
-  path, _ = tiny_gguf
+  path, _ = request.getfixturevalue(fixture)
   argv = ["-q", "--gguf", str(path), "--out", str(tmp_path / "o")]
   code = ("import sys; from stt_jax.models import fetch_demo; "
           f"assert fetch_demo.main({argv!r}) == 0; "
