@@ -30,7 +30,8 @@ def main() -> int:
   from stt_jax.models import fetch_demo
 
   parser = argparse.ArgumentParser()
-  parser.add_argument("--model", default=fetch_demo.DEFAULT_MODEL, choices=sorted(fetch_demo.MODELS))
+  parser.add_argument("--model", default=fetch_demo.DEFAULT_MODEL,
+                      choices=sorted(fetch_demo.MODELS))
   parser.add_argument("--folder", default=None, help="default: the model's cache folder")
   parser.add_argument("--gguf", default=None, help="default: the GGUF the folder was built from")
   parser.add_argument("--new-tokens", type=int, default=24)

@@ -472,13 +472,18 @@ def _gemma_hf_shapes(vocab):
   for i in range(_G_LAYERS):
     p = f"model.layers.{i}."
     shapes.update({
-        p + "self_attn.q_proj.weight": (q, _G_HIDDEN), p + "self_attn.k_proj.weight": (kv, _G_HIDDEN),
-        p + "self_attn.v_proj.weight": (kv, _G_HIDDEN), p + "self_attn.o_proj.weight": (_G_HIDDEN, q),
-        p + "self_attn.q_norm.weight": (_G_HEAD_DIM,), p + "self_attn.k_norm.weight": (_G_HEAD_DIM,),
-        p + "input_layernorm.weight": (_G_HIDDEN,), p + "post_attention_layernorm.weight": (_G_HIDDEN,),
+        p + "self_attn.q_proj.weight": (q, _G_HIDDEN),
+        p + "self_attn.k_proj.weight": (kv, _G_HIDDEN),
+        p + "self_attn.v_proj.weight": (kv, _G_HIDDEN),
+        p + "self_attn.o_proj.weight": (_G_HIDDEN, q),
+        p + "self_attn.q_norm.weight": (_G_HEAD_DIM,),
+        p + "self_attn.k_norm.weight": (_G_HEAD_DIM,),
+        p + "input_layernorm.weight": (_G_HIDDEN,),
+        p + "post_attention_layernorm.weight": (_G_HIDDEN,),
         p + "pre_feedforward_layernorm.weight": (_G_HIDDEN,),
         p + "post_feedforward_layernorm.weight": (_G_HIDDEN,),
-        p + "mlp.gate_proj.weight": (_G_FFN, _G_HIDDEN), p + "mlp.up_proj.weight": (_G_FFN, _G_HIDDEN),
+        p + "mlp.gate_proj.weight": (_G_FFN, _G_HIDDEN),
+        p + "mlp.up_proj.weight": (_G_FFN, _G_HIDDEN),
         p + "mlp.down_proj.weight": (_G_HIDDEN, _G_FFN)})
   return shapes
 
@@ -554,7 +559,8 @@ def fixture_tiny_gemma(tmp_path):
 def test_gemma3_names_norms_and_config(tiny_gemma, tmp_path):
   path, expected = tiny_gemma
   name = gguf_convert.hf_tensor_name
-  assert name("blk.3.ffn_norm.weight", "gemma3") == "model.layers.3.pre_feedforward_layernorm.weight"
+  assert name("blk.3.ffn_norm.weight", "gemma3") == (
+      "model.layers.3.pre_feedforward_layernorm.weight")
   assert name("blk.3.post_ffw_norm.weight", "gemma3") == (
       "model.layers.3.post_feedforward_layernorm.weight")
   assert name("blk.0.attn_k_norm.weight", "gemma3") == "model.layers.0.self_attn.k_norm.weight"

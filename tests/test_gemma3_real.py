@@ -25,7 +25,8 @@ DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
 TOKENIZER_TEXTS = [
     "The quick brown fox jumps over the lazy dog.  Two  spaces,\ttabs\n\nand blank lines.",
     "今天天气很好，我们一起去公园散步吧。请翻译成英文：",
-    "สวัสดีครับ วันนี้อากาศดีมาก เราไปเดินเล่นที่สวนสาธารณะกันเถอะ",
+    "สวัสดีครับ วันนี้อากาศดีมาก "
+    "เราไปเดินเล่นที่สวนสาธารณะกันเถอะ",
     "Привет, мир! Съешь же ещё этих мягких французских булок, да выпей чаю.",
     "Größere Äpfel über Straßen für Jürgen; ẞ",
     "rare: \U0001F916\U0001FAE0 \u2603 \U0001D518\U0001D52B \U00010348 \ue000 \ua66e \u16a0\u16c7",
@@ -155,7 +156,8 @@ def test_norm_convention_from_the_data(tok, hf_ours, record_property):
   1 to every norm weight; its next-token loss on English text must be clearly worse.
   """
   ids = torch.tensor([_ids(tok, "en")])
-  norms = {k: v.detach().clone() for k, v in hf_ours.named_parameters() if k.endswith("norm.weight")}
+  norms = {k: v.detach().clone() for k, v in hf_ours.named_parameters()
+           if k.endswith("norm.weight")}
   assert len(norms) == 18 * 6 + 1
   with torch.no_grad():
     ours = hf_ours(ids, labels=ids).loss.item()

