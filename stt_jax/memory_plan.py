@@ -127,7 +127,7 @@ def train_attention(cfg, config: ModelConfig) -> str:
   """The attention implementation training runs on a TPU under cfg.model.attention ('auto'
   is splash); an impossible choice (cudnn on TPU) is the one-line AttentionError."""
   return attention.resolve(cfg.model.attention, cfg.train.dtype, config.head_dim,
-                           platform="tpu")
+                           platform="tpu", soft_cap=config.attn_logit_softcapping)
 
 
 def activation_bytes(config: ModelConfig, rows: int, seq: int, dtype, tensor: int,

@@ -348,11 +348,12 @@ def check_attention(cfg, stages: Sequence[str], platform: str | None = None) -> 
   """model.attention runs here with each stage's compute dtype (train.dtype for training,
   model.dtype for translation and evaluation); else the kernel's one-line AttentionError."""
   from stt_jax.models import ModelConfig, attention  # pylint: disable=g-import-not-at-top
-  head_dim = ModelConfig.from_hf(cfg.model.path).head_dim
+  config = ModelConfig.from_hf(cfg.model.path)
   dtypes = ({cfg.train.dtype} if "train" in stages else set()) | (
       {cfg.model.dtype} if {"translate", "eval"} & set(stages) else set())
   for dtype in sorted(dtypes):
-    attention.resolve(cfg.model.attention, dtype, head_dim, platform)
+    attention.resolve(cfg.model.attention, dtype, config.head_dim, platform,
+                      soft_cap=config.attn_logit_softcapping)
 
 
 def check(cfg, workdir: str, tokenizer, stages: Sequence[str] | None = None) -> None:

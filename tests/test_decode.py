@@ -43,7 +43,7 @@ def prompts_of(lengths, seed=0):
 
 
 @pytest.fixture(scope="module", params=["llama_gqa", "llama3_rope", "mistral_window", "qwen2",
-                                        "llama_head_dim_tied"])
+                                        "llama_head_dim_tied", "gemma2", "gemma3"])
 def tiny(request, tmp_path_factory):
   return hf_tiny.tmp_model(tmp_path_factory, request.param)
 

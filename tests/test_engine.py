@@ -24,7 +24,7 @@ def with_prefix(prompts, seed=9, n=40):
   return [common + p for p in prompts]
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mistral_window"])  # The window reaches the prefix.
+@pytest.mark.parametrize("kind", ["qwen2", "mistral_window", "gemma2"])  # Windows reach the prefix.
 def test_refilled_slots_equal_transformers_and_the_static_decoder(kind, tmp_path_factory):
   folder = hf_tiny.tmp_model(tmp_path_factory, kind)
   model, _ = load_hf(folder)

@@ -24,7 +24,8 @@ def _batch():
   return hf_tiny.random_batch(np.random.default_rng(3), [10, 6], pad_left=True)
 
 
-@pytest.mark.parametrize("kind", ["llama_head_dim_tied", "qwen2", "llama_bias"])
+@pytest.mark.parametrize("kind", ["llama_head_dim_tied", "qwen2", "llama_bias", "gemma2",
+                                  "gemma3"])
 def test_save_hf_round_trip(kind, tmp_path):
   src = hf_tiny.make_tiny(kind, str(tmp_path / "src"))
   # A tokenizer file to be carried along.

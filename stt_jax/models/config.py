@@ -290,7 +290,8 @@ class ModelConfig:
     """The Gemma keys of a config built without an HF dict (the switches are implied)."""
     windows = [self.sliding_window(i) for i in range(self.num_hidden_layers)]
     used = {w for w in windows if w}
-    return {"query_pre_attn_scalar": self.query_pre_attn_scalar or self.head_dim,
+    scalar = self.query_pre_attn_scalar or self.head_dim
+    return {"query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else scalar,
             "attn_logit_softcapping": self.attn_logit_softcapping,
             "final_logit_softcapping": self.final_logit_softcapping,
             "sliding_window": max(used) if used else None,
