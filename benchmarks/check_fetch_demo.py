@@ -1,10 +1,11 @@
-"""Checks the fetched demo folder against transformers' own GGUF route (uses torch).
+"""Checks a fetched folder (default: the demo's) against transformers' own GGUF route (uses torch).
 
 Our converter dequantizes with the same `gguf` numpy kernels transformers uses, then rounds
 to bf16; so the weights must equal transformers' f32 weights rounded to bf16 bit for bit,
 and logits may differ only by that rounding. Run after `python -m stt_jax.models.fetch_demo`:
 
-  python benchmarks/check_fetch_demo.py [--folder DIR] [--gguf PATH] [--json OUT]
+  python benchmarks/check_fetch_demo.py [--model gemma3-270m] [--folder DIR] [--gguf PATH]
+      [--json OUT]
 """
 
 import argparse
@@ -29,12 +30,15 @@ def main() -> int:
   from stt_jax.models import fetch_demo
 
   parser = argparse.ArgumentParser()
-  parser.add_argument("--folder", default=str(fetch_demo.default_cache_dir()))
+  parser.add_argument("--model", default=fetch_demo.DEFAULT_MODEL,
+                      choices=sorted(fetch_demo.MODELS))
+  parser.add_argument("--folder", default=None, help="default: the model's cache folder")
   parser.add_argument("--gguf", default=None, help="default: the GGUF the folder was built from")
   parser.add_argument("--new-tokens", type=int, default=24)
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
   torch.manual_seed(0)
+  args.folder = args.folder or str(fetch_demo.default_cache_dir(args.model))
   gguf = args.gguf or fetch_demo.source_gguf(args.folder)
   if not fetch_demo.is_complete(args.folder) or gguf is None:
     print(f"need a finished folder with its GGUF: {args.folder}", file=sys.stderr)
@@ -73,10 +77,11 @@ def main() -> int:
   for key, text in PROMPTS.items():
     a, b = our_tok(text).input_ids, ref_tok(text).input_ids
     report["tokenizer"][key] = {"ids_equal": a == b, "n_tokens": len(a)}
-  msgs = [{"role": "user", "content": PROMPTS["zh"]}]
-  a = our_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-  b = ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-  report["tokenizer"]["chat_template_equal"] = a == b
+  if our_tok.chat_template or ref_tok.chat_template:  # Gemma's GGUF carries none.
+    msgs = [{"role": "user", "content": PROMPTS["zh"]}]
+    a = our_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    b = ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    report["tokenizer"]["chat_template_equal"] = a == b
   report["tokenizer"]["decode_roundtrip"] = all(
       our_tok.decode(our_tok(x).input_ids) == x for x in PROMPTS.values())
 

