@@ -325,10 +325,11 @@ def paper_config(task: str, lang: str) -> ml_collections.ConfigDict:
   return c
 
 
-def demo_model_path() -> str:
-  """Where `python -m stt_jax.models.fetch_demo` puts the demo model."""
+def demo_model_path(model: str | None = None) -> str:
+  """Where `python -m stt_jax.models.fetch_demo [--model MODEL]` puts a model (default: the
+  demo's Qwen; `fetch_demo.MODELS` lists the others, e.g. "gemma3-270m")."""
   from stt_jax.models import fetch_demo  # pylint: disable=g-import-not-at-top
-  return str(fetch_demo.default_cache_dir())
+  return str(fetch_demo.default_cache_dir(model or fetch_demo.DEFAULT_MODEL))
 
 
 def model_label(cfg) -> str:

