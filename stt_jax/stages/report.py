@@ -32,7 +32,8 @@ from stt_jax.tasks import TASKS
 from stt_jax.workdir import Workdir, read_json
 
 PRIMARY = {"mgsm": "accuracy", "xquad": "f1", "xnli": "accuracy"}
-VARIANT_ORDER = ("base", "zero_shot", "self_translate", "self_translate_cs")
+VARIANT_ORDER = ("base", "zero_shot", "self_translate", "self_translate_cs",
+                 "self_translate_rt")
 BASELINE = "zero_shot"
 
 
