@@ -59,13 +59,27 @@ def roundtrip_on(cfg) -> bool:
 
 
 def stamp(cfg, lang: str) -> dict:
-  """What a language's files depend on (the translate section and the task's inputs; the
-  round-trip settings only when the pass runs, so a run without it is not redone for them)."""
+  """What a language's files depend on (the translate section and the task's inputs), and
+  under 'roundtrip' the round-trip settings when the run needs that pass."""
   section = cfg.translate.to_dict()
-  if not roundtrip_on(cfg):
-    section.pop("roundtrip", None)
+  roundtrip = section.pop("roundtrip")
   section["task_inputs"] = {k: cfg.task[k] for k in run_config.TASK_OWNED}
-  return translate_stamp(cfg.model.path, get_task(cfg.task.name).name, lang, section)
+  out = translate_stamp(cfg.model.path, get_task(cfg.task.name).name, lang, section)
+  if roundtrip_on(cfg):
+    out["roundtrip"] = json.loads(json.dumps(roundtrip, sort_keys=True, default=str))
+  return out
+
+
+def up_to_date(have: dict | None, want: dict) -> bool:
+  """Whether a language's marker (`have`) covers the stamp `want`: the same forward settings,
+  and the same round-trip settings when `want` has them. A run without the round-trip
+  variant is covered by a marker written with it, so rerunning a subset of the variants
+  redoes nothing."""
+  if have is None:
+    return False
+  if "roundtrip" not in want:
+    have = {k: v for k, v in have.items() if k != "roundtrip"}
+  return have == want
 
 
 def done(cfg, wd: Workdir, lang: str) -> bool:
@@ -82,7 +96,7 @@ def run(cfg, wd: Workdir, tokenizer) -> None:
   model = None
   for lang in cfg.task.target_langs:
     marker, want = wd.translation(task.name, lang, "done"), stamp(cfg, lang)
-    if hosts.agree(read_json(marker) == want):  # Process 0 decides for every host.
+    if hosts.agree(up_to_date(read_json(marker), want)):  # Process 0 decides for every host.
       log.info("translate: %s is up to date; skipping", lang)
       continue
     if model is None:
