@@ -23,6 +23,9 @@ from stt_jax.translate_filters import REASONS
 # translation (extractive tasks).
 DROP_REASONS = (*REASONS, "unaligned")
 KEPT_COLOR = "#59a14f"
+# Kept by the filters but dropped by the round-trip filter (self_translate_rt only).
+ROUNDTRIP = "roundtrip"
+ROUNDTRIP_COLOR = "#a0cbe8"
 REASON_COLORS = {"empty": "#bab0ac", "truncated": "#f28e2b", "repetition": "#b07aa1",
                  "copy": "#9c755f", "script": "#e15759", "length_ratio": "#4e79a7",
                  "numbers": "#ff9da7", "unaligned": "#edc948"}
@@ -209,8 +212,10 @@ def curve_figure(data, style: Style, path: str, cols: int = 6) -> None:
 
 
 def filter_data(stats: Sequence[dict]) -> dict[str, dict[str, int]]:
-  """Bar label -> {'kept': n, reason: n, ...} (reasons in filter order, zeros left out) from
-  the translate stage's `<task>_<lang>.stats.json`; the counts sum to the English items."""
+  """Bar label -> {'kept': n, 'roundtrip': n, reason: n, ...} (reasons in filter order, zeros
+  left out) from the translate stage's `<task>_<lang>.stats.json`; the counts sum to the
+  English items. 'roundtrip': rows the filters kept and the round-trip filter dropped (only
+  self_translate_rt loses them); 'kept' then counts the rows that passed both."""
   stats = [s for s in stats if isinstance(s, dict) and "kept" in s and "items" in s]
   tasks, models = {s.get("task") for s in stats}, {s.get("model") for s in stats}
   out = {}
@@ -223,26 +228,52 @@ def filter_data(stats: Sequence[dict]) -> dict[str, dict[str, int]]:
       label = f"{s.get('model')}\n{label}"
     dropped = s.get("dropped") or {}
     order = [r for r in DROP_REASONS if r in dropped] + sorted(set(dropped) - set(DROP_REASONS))
-    out[label] = {"kept": s["kept"], **{r: dropped[r] for r in order if dropped[r]}}
+    back = (s.get("roundtrip") or {}).get("dropped", 0)
+    out[label] = {"kept": s["kept"] - back, **({ROUNDTRIP: back} if back else {}),
+                  **{r: dropped[r] for r in order if dropped[r]}}
   return out
+
+
+def roundtrip_table(stats: Sequence[dict]) -> str:
+  """Markdown: the round-trip filter's counts and chrF quantiles per task and language ('' when
+  no stats file has them)."""
+  rows = [s for s in stats if isinstance(s, dict) and "checked" in (s.get("roundtrip") or {})]
+  if not rows:
+    return ""
+  md = ["\n### Round-trip filter (self_translate_rt)\n",
+        "| task | lang | rule | checked | kept | dropped | chrF p10 | p50 | p90 |",
+        "|---|---|---|---|---|---|---|---|---|"]
+  for s in sorted(rows, key=lambda s: (str(s.get("task")), str(s.get("lang")))):
+    r = s["roundtrip"]
+    rule = ", ".join(f"{k} {v:g}" for k, v in r["rule"].items())
+    q = r["chrf"].get("row_min", {})
+    cells = [f"{q[k]:.1f}" if k in q else "—" for k in ("p10", "p50", "p90")]
+    md.append(f"| {s.get('task')} | {s.get('lang')} | {rule} | {r['checked']} | {r['kept']} "
+              f"| {r['dropped']} | " + " | ".join(cells) + " |")
+  md.append("\nChecked: rows the filters kept; each is translated back to English by the same "
+            "model, and its score is the lowest chrF (0-100) of its fields "
+            f"({', '.join(rows[0]['roundtrip']['fields'])}, ...) against the English source.\n")
+  return "\n".join(md)
 
 
 def filter_figure(data, path: str) -> None:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(data) + 3), 4))
   labels = list(data)
-  parts = ["kept"] + [r for r in DROP_REASONS if any(r in d for d in data.values())]
+  parts = ["kept"] + [r for r in (ROUNDTRIP, *DROP_REASONS) if any(r in d for d in data.values())]
   parts += sorted({r for d in data.values() for r in d} - set(parts))
   bottom = [0] * len(labels)
   for part in parts:
     heights = [data[x].get(part, 0) for x in labels]
     total = sum(heights)
-    name = "kept" if part == "kept" else f"dropped: {part}"
-    ax.bar(labels, heights, 0.6, bottom=bottom, label=f"{name} ({total})",
-           color=KEPT_COLOR if part == "kept" else REASON_COLORS.get(part, "#79706e"))
+    name = {"kept": "kept", ROUNDTRIP: "kept; dropped by round-trip (rt variant only)"}.get(
+        part, f"dropped: {part}")
+    color = {"kept": KEPT_COLOR, ROUNDTRIP: ROUNDTRIP_COLOR}.get(
+        part, REASON_COLORS.get(part, "#79706e"))
+    ax.bar(labels, heights, 0.6, bottom=bottom, label=f"{name} ({total})", color=color)
     bottom = [b + h for b, h in zip(bottom, heights)]
   for i, x in enumerate(labels):
-    kept, total = data[x]["kept"], bottom[i]
+    kept, total = data[x]["kept"] + data[x].get(ROUNDTRIP, 0), bottom[i]
     ax.text(i, total, f"{kept}/{total} kept\n({100 * kept / max(total, 1):.0f}%)",
             ha="center", va="bottom", fontsize=8)
   ax.set_xlim(-0.8, len(labels) - 0.2)
@@ -270,7 +301,8 @@ CAPTIONS = {
     "eval_curves": "Primary metric at every scored checkpoint, one panel per language "
                    "(band: 95% interval).",
     "translation_filters": "English training items whose translation was kept or dropped, "
-                           "by the first filter it failed.",
+                           "by the first filter it failed (light blue: kept by the filters, "
+                           "dropped by the round-trip filter).",
 }
 
 
@@ -307,6 +339,7 @@ def write_figures(path: Callable[[str], str], style: Style, rows: Sequence[dict]
   if filters:
     filter_figure(filters, path("translation_filters"))
     md.append(_embed(path("translation_filters"), "translation_filters"))
+    md.append(roundtrip_table(stats))
   else:
     md.append("*Translation filters: no translation stats "
               "(translations/<task>_<lang>.stats.json).*\n")

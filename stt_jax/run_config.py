@@ -23,7 +23,10 @@ from stt_jax import codeswitch
 from stt_jax import translate_filters
 from stt_jax.tasks import get_task
 
-VARIANTS = ("zero_shot", "self_translate", "self_translate_cs")
+VARIANTS = ("zero_shot", "self_translate", "self_translate_cs", "self_translate_rt")
+# What a run trains when config.variants is not set: self_translate_rt costs one more decode
+# pass (the round-trip filter), so a run asks for it by name.
+DEFAULT_VARIANTS = ("zero_shot", "self_translate", "self_translate_cs")
 # export runs right after train: each variant's final checkpoint as an HF folder (+ PEFT
 # adapter). The demo's 0.5B model: ~10 s and 1.3 GB per variant on 2 CPU cores; a 7B model
 # writes ~13.5 GB per variant, so drop it from config.stages when the disk is short.
@@ -70,8 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Sequence fields are tuples so the command line can override them:
   # --config.variants="('zero_shot','self_translate')".
   # Fine-tuning variants: zero_shot = English only (the baseline, zero-shot cross-lingual
-  # transfer); self_translate = English + self-translated; self_translate_cs = + code-switched.
-  c.variants = VARIANTS
+  # transfer); self_translate = English + self-translated; self_translate_cs = + code-switched;
+  # self_translate_rt = English + the self-translations that pass the round-trip filter
+  # (translate.roundtrip; one more decode pass, run only when this variant is listed).
+  c.variants = DEFAULT_VARIANTS
   c.model = _model()
   c.mesh = _mesh()
   c.task = _task()
@@ -179,6 +184,16 @@ def _translate() -> ml_collections.ConfigDict:
   c.codeswitch = ml_collections.ConfigDict()
   c.codeswitch.enabled = True
   c.codeswitch.patterns = dict(codeswitch.DEFAULT_PATTERNS)  # task -> ('field=tgt,...', ...)
+  # --- round-trip filter (translate_roundtrip.py; only for variant self_translate_rt): each
+  # kept translation is translated back to English by the same model (reversed exemplars) and
+  # scored with chrF(English source, back-translation) per field. Set exactly one rule:
+  r = c.roundtrip = ml_collections.ConfigDict()
+  r.min_chrf = 40.0      # keep a row when every field's chrF is >= this (0-100; 0 = rule off)
+  r.keep_fraction = 0.0  # or: keep this top share (0-1] by the row's lowest field chrF (0 = off)
+  # task -> fields translated back. The SQuAD answer is not: it is a span re-aligned in the
+  # translated context (checked there), and chrF of a 1-3 word answer is mostly noise.
+  r.fields = {"mgsm": ("question", "rationale"), "xquad": ("context", "question"),
+              "xnli": ("premise", "hypothesis")}
   # --- translate_quality.quality_report
   c.quality = ml_collections.ConfigDict()
   c.quality.n = 100               # held-out XNLI dev sentences per language
@@ -437,11 +452,31 @@ def check_ranges(cfg) -> None:
   check(t.seq_len > 1, f"train.seq_len must be > 1, got {t.seq_len}")
   check(all(v >= 0 for v in t.mixture.values()), "train.mixture weights must be >= 0")
   check(k.every > 0 and k.keep >= 0, "checkpoint.every must be > 0 and checkpoint.keep >= 0")
+  check_roundtrip(cfg.translate.roundtrip, check)
   for key in ("eval.batch_size", "translate.batch_size", "translate.shots",
               "translate.steps_per_call", "translate.prefill_chunk"):
     section, name = key.split(".")
     value = cfg[section][name]
     check(value > 0, f"{key}={value} must be positive")
+
+
+def check_roundtrip(r, check) -> None:
+  """translate.roundtrip: exactly one keep rule, each in its range, known fields."""
+  check(0 <= r.min_chrf <= 100, f"translate.roundtrip.min_chrf must be in [0, 100], got "
+        f"{r.min_chrf}")
+  check(0 <= r.keep_fraction <= 1, f"translate.roundtrip.keep_fraction must be in [0, 1], got "
+        f"{r.keep_fraction}")
+  check((r.min_chrf > 0) != (r.keep_fraction > 0),
+        f"translate.roundtrip.min_chrf={r.min_chrf} and keep_fraction={r.keep_fraction}: set "
+        "exactly one of them above 0 (the other to 0), e.g. --config.translate.roundtrip."
+        "keep_fraction=0")
+  for task, fields in r.fields.items():
+    known = [f.name for f in get_task(task).translatable_fields] if task in TASKS else None
+    check(known is not None, f"translate.roundtrip.fields has unknown task {task!r}; tasks: "
+          f"{', '.join(TASKS)}")
+    bad = [f for f in fields if f not in known]
+    check(not bad and fields, f"translate.roundtrip.fields[{task!r}] = {tuple(fields)}: name "
+          f"one or more of {', '.join(known)}")
 
 
 def validate(cfg) -> None:

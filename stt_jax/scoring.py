@@ -2,12 +2,14 @@
 
 Used by the eval loop (evaluate.py) for every checkpoint and for the base model. Per-example
 scores give a bootstrap 95% confidence interval, which the report prints next to each number
-(small test sets are the norm on CPU).
+(small test sets are the norm on CPU). Two models scored on the same items are compared by a
+paired bootstrap of the difference and McNemar's exact test (paired_bootstrap, mcnemar).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Sequence
 
@@ -31,6 +33,75 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0,
   means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
   lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
   return float(lo), float(hi)
+
+
+# ------------------------------------------------------------------------------ paired tests
+
+
+def paired_items(a: Sequence[dict], b: Sequence[dict], metric: str, names=("a", "b")
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-item `metric` values of two prediction files' rows ({id, <metric>, ...}), matched by
+  id in `a`'s order; ValueError (one line, naming `names`) when they cover different items."""
+  by_id = [{r["id"]: r for r in rows} for rows in (a, b)]
+  only = [sorted(set(by_id[i]) - set(by_id[1 - i])) for i in (0, 1)]
+  if only[0] or only[1] or len(by_id[0]) != len(a) or len(by_id[1]) != len(b):
+    side = 0 if only[0] else 1
+    example = (f"e.g. {only[side][0]!r} only in {names[side]}" if only[side]
+               else "an id appears twice")
+    raise ValueError(f"{names[0]} ({len(a)} items) and {names[1]} ({len(b)} items) cover "
+                     f"different test items ({example}); score both with the same eval.limit "
+                     "and test data")
+  missing = [n for n, rows in zip(names, by_id) if any(metric not in r for r in rows.values())]
+  if missing:
+    raise ValueError(f"{missing[0]} has items without a {metric!r} score; rescore it")
+  ids = [r["id"] for r in a]
+  return (np.asarray([by_id[0][i][metric] for i in ids], np.float64),
+          np.asarray([by_id[1][i][metric] for i in ids], np.float64))
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 2000,
+                     seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+  """(mean(a) - mean(b), percentile-bootstrap interval) with items resampled jointly: the
+  same test items for both models, so item difficulty cancels out of the interval."""
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  if d.size == 0:
+    return float("nan"), float("nan"), float("nan")
+  rng = np.random.default_rng(seed)
+  chunk = max(1, 2 ** 22 // d.size)  # Draws per step: ~32 MiB of indices at a time.
+  means = np.concatenate([d[rng.integers(0, d.size, size=(min(chunk, n_boot - k), d.size))]
+                          .mean(axis=1) for k in range(0, n_boot, chunk)])
+  lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+  return float(d.mean()), float(lo), float(hi)
+
+
+def binary_levels(*arrays: np.ndarray) -> tuple[float, float] | None:
+  """(wrong, right) when every item scores one of two values, 0 and 1 (accuracy) or 0 and 100
+  (exact match); None for graded scores such as F1."""
+  values = set(np.unique(np.concatenate([np.asarray(x, np.float64) for x in arrays])).tolist())
+  for top in (1.0, 100.0):
+    if values <= {0.0, top}:
+      return 0.0, top
+  return None
+
+
+def mcnemar(a: Sequence[float], b: Sequence[float]) -> tuple[float, int, int] | None:
+  """McNemar's exact test of paired right/wrong outcomes: (two-sided p, items only `a` got
+  right, items only `b` got right), or None when the scores are not binary.
+
+  Under the null a discordant item is equally likely to go either way, so the smaller count of
+  n = b + c discordant items is Binomial(n, 1/2); p = min(1, 2 P(X <= min(b, c))), and 1 when
+  nothing is discordant. Exact for any n (big-integer arithmetic), so no continuity
+  correction or large-sample chi-square is needed.
+  """
+  levels = binary_levels(a, b)
+  if levels is None:
+    return None
+  right_a = np.asarray(a, np.float64) == levels[1]
+  right_b = np.asarray(b, np.float64) == levels[1]
+  better, worse = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
+  n, k = better + worse, min(better, worse)
+  tail = sum(math.comb(n, i) for i in range(k + 1))
+  return min(1.0, 2 * tail / 2 ** n), better, worse
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "kv_dtype"))

@@ -32,7 +32,12 @@ VARIANTS = {
     "zero_shot": ("en",),
     "self_translate": ("en", "translated"),
     "self_translate_cs": ("en", "translated", "code_switched"),
+    # The round-trip-filtered translations, mixed as self_translate mixes its own.
+    "self_translate_rt": ("en", "translated"),
 }
+# Row sets that fill a variant's source when they are not the source's own rows:
+# variant -> {source: key of rows_by_source}.
+ROW_SETS = {"self_translate_rt": {"translated": "translated_rt"}}
 
 
 class DataError(ValueError):
@@ -53,14 +58,16 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def rows_for_variant(variant: str, rows_by_source: Mapping[str, Sequence[dict]]
                      ) -> dict[str, Sequence[dict]]:
-  """The sources a variant trains on; a missing or empty one is an error, not a silent skip."""
+  """The sources a variant trains on (each from its row set, ROW_SETS); a missing or empty
+  one is an error, not a silent skip."""
   if variant not in VARIANTS:
     raise DataError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-  missing = [s for s in VARIANTS[variant] if not rows_by_source.get(s)]
+  sets = {s: ROW_SETS.get(variant, {}).get(s, s) for s in VARIANTS[variant]}
+  missing = [sets[s] for s in VARIANTS[variant] if not rows_by_source.get(sets[s])]
   if missing:
     raise DataError(f"variant {variant!r} needs rows for {', '.join(missing)}; run the "
                     "translate stage first (or pick variant 'zero_shot')")
-  return {s: rows_by_source[s] for s in VARIANTS[variant]}
+  return {s: rows_by_source[sets[s]] for s in VARIANTS[variant]}
 
 
 # ------------------------------------------------------------------------------ tokenize

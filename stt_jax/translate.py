@@ -95,17 +95,22 @@ def exemplars(source: str, lang: str, cfg, data_dir: str | None = None
   return [pool[i] for i in chosen], [pool[i] for i in order[cfg.shots:]]
 
 
-def build_prompt(pairs: Sequence[Pair], text: str, lang: str, cfg) -> str:
-  """The few-shot prompt: each exemplar in `example_template`, then `query_template`."""
-  names = dict(src_name=cfg.lang_names[cfg.src_lang], tgt_name=cfg.lang_names[lang])
+def build_prompt(pairs: Sequence[Pair], text: str, lang: str, cfg,
+                 src: str | None = None) -> str:
+  """The few-shot prompt: each exemplar in `example_template`, then `query_template`. `src`:
+  the language of `text` and of each pair's first side (default cfg.src_lang; the round-trip
+  pass translates back with src=<target>, lang=<cfg.src_lang> and reversed pairs)."""
+  names = dict(src_name=cfg.lang_names[src or cfg.src_lang], tgt_name=cfg.lang_names[lang])
   shots = "".join(cfg.example_template.format(text=en, translation=tgt, **names)
                   for en, tgt in pairs)
   return shots + cfg.query_template.format(text=text, **names)
 
 
-def prompt_id(pairs: Sequence[Pair], lang: str, cfg) -> str:
-  """Hash of everything besides the source text that changes a translation."""
-  settings = [list(pairs), lang, cfg.src_lang, cfg.lang_names[cfg.src_lang], cfg.lang_names[lang],
+def prompt_id(pairs: Sequence[Pair], lang: str, cfg, src: str | None = None) -> str:
+  """Hash of everything besides the source text that changes a translation (`src` as in
+  build_prompt)."""
+  src = src or cfg.src_lang
+  settings = [list(pairs), lang, src, cfg.lang_names[src], cfg.lang_names[lang],
               cfg.example_template, cfg.query_template, cfg.max_new_tokens, cfg.max_new_ratio,
               cfg.max_new_slack, cfg.truncate, "budget=per-row"]
   return hashlib.sha256(json.dumps(settings, ensure_ascii=False).encode()).hexdigest()[:16]

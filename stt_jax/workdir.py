@@ -3,9 +3,12 @@
     workdir/config.json                          the resolved config (older ones: config.<t>.json)
     workdir/translations/<task>_<lang>.train.jsonl   translated rows (translate stage)
                          <task>_<lang>.cs.jsonl      code-switched rows
+                         <task>_<lang>.train_rt.jsonl   rows passing the round-trip filter
+                         <task>_<lang>.roundtrip.jsonl  per kept row: back-translations, chrF
                          <task>_<lang>.stats.json    counts, drops by reason, throughput
                          <task>_<lang>.done.json     marker: the settings the files were made with
                          cache/<task>_<lang>.part<host>.jsonl   resumable decode cache
+                         cache/<task>_<lang>.back.part<host>.jsonl   the round-trip pass's
     workdir/runs/<variant>/checkpoints/<step>/   Orbax (train stage; train.train's layout)
                            train/metrics.jsonl   one row per log step
                            train/events.out.tfevents.stt_jax   the same, for TensorBoard
@@ -61,8 +64,8 @@ class Workdir:
     return self.path("translations")
 
   def translation(self, task: str, lang: str, kind: str) -> str:
-    """kind: 'train' | 'cs' (jsonl rows), 'stats' | 'done' (json)."""
-    ext = "jsonl" if kind in ("train", "cs") else "json"
+    """kind: 'train' | 'cs' | 'train_rt' | 'roundtrip' (jsonl rows), 'stats' | 'done' (json)."""
+    ext = "jsonl" if kind in ("train", "cs", "train_rt", "roundtrip") else "json"
     return os.path.join(self.translations, f"{task}_{lang}.{kind}.{ext}")
 
   def translation_stats(self) -> list[str]:
@@ -74,6 +77,12 @@ class Workdir:
   @property
   def translation_cache(self) -> str:
     return os.path.join(self.translations, "cache")
+
+  @staticmethod
+  def cache_name(task: str, lang: str, back: bool = False) -> str:
+    """A decode cache's name in `translation_cache` (back: the round-trip pass, target ->
+    English)."""
+    return f"{task}_{lang}.back" if back else f"{task}_{lang}"
 
   # --------------------------------------------------------------------------- train
 

@@ -61,7 +61,8 @@ def test_tiny_all_stages_then_rerun_is_noop(tiny_model, tmp_path):
   rows = _metrics(workdir)
   keys = collections.Counter((r["variant"], r["step"], r["lang"]) for r in rows)
   assert set(keys) == {(v, s, l) for v, s in [("base", 0)] + [
-      (v, s) for v in ("zero_shot", "self_translate", "self_translate_cs") for s in (2, 4)]
+      (v, s) for v in ("zero_shot", "self_translate", "self_translate_cs",
+                       "self_translate_rt") for s in (2, 4)]
                        for l in ("zh", "en")}
   # accuracy and lm_eval_acc (eval.lm_eval_compat), once per (variant, step, lang)
   assert set(keys.values()) == {2}
@@ -69,11 +70,19 @@ def test_tiny_all_stages_then_rerun_is_noop(tiny_model, tmp_path):
   for name in ("report.md", "report.csv", "report.png", "train_loss.png", "eval_curves.png",
                "translation_filters.png", "config.json",
                "translations/xnli_zh.train.jsonl", "translations/xnli_zh.stats.json",
-               "runs/self_translate/train_done.json"):
+               "translations/xnli_zh.train_rt.jsonl", "runs/self_translate/train_done.json",
+               "runs/self_translate_rt/train_done.json"):
     assert os.path.isfile(os.path.join(workdir, name)), name
   with open(os.path.join(workdir, "translations", "xnli_zh.train.jsonl")) as f:
     translated = [json.loads(line) for line in f]
   assert len(translated) == 12 and all(r["lang"] == "zh" for r in translated)
+  with open(os.path.join(workdir, "translations", "xnli_zh.train_rt.jsonl")) as f:
+    kept = [json.loads(line) for line in f]
+  assert len(kept) == 6 and all(r in translated for r in kept)  # keep_fraction 0.5
+  with open(os.path.join(workdir, "report.md")) as f:
+    md = f.read()
+  assert "#### xnli — Δ vs zero_shot (paired)" in md and "| self_translate_rt | zh |" in md
+  assert "### Round-trip filter (self_translate_rt)" in md
 
   before = _tree(workdir)
   start = time.time()
@@ -168,12 +177,13 @@ def test_two_process_run_matches_one_process(tiny_model, tmp_path):
   _two_processes(tmp_path / "multi", tiny_model)
   run_main(str(tmp_path / "single"), tiny_model)
   multi, single = tmp_path / "multi", tmp_path / "single"
-  name = "translations/xnli_zh.train.jsonl"
-  assert (multi / name).read_text() == (single / name).read_text()
+  for name in ("translations/xnli_zh.train.jsonl", "translations/xnli_zh.train_rt.jsonl",
+               "translations/xnli_zh.roundtrip.jsonl"):
+    assert (multi / name).read_text() == (single / name).read_text(), name
   pick = lambda rows: {(r["variant"], r["step"], r["lang"], r["metric"]): r["value"]
                        for r in rows}
   assert pick(_metrics(str(multi))) == pick(_metrics(str(single)))
-  for variant in ("zero_shot", "self_translate", "self_translate_cs"):
+  for variant in ("zero_shot", "self_translate", "self_translate_cs", "self_translate_rt"):
     losses = [[json.loads(line)["loss"] for line in open(w / "runs" / variant / "train" /
                                                          "metrics.jsonl")]
               for w in (multi, single)]

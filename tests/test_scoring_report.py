@@ -88,6 +88,79 @@ def test_bootstrap_ci():
   assert scoring.bootstrap_ci([1.0, 1.0]) == (1.0, 1.0)
 
 
+def test_paired_statistics_known_values():
+  same = [1.0, 0.0, 1.0, 1.0, 0.0]
+  assert scoring.paired_bootstrap(same, same) == (0.0, 0.0, 0.0)
+  assert scoring.mcnemar(same, same) == (1.0, 0, 0)
+  # 1 item only the variant got right, 5 only the baseline: n = 6 discordant, k = 1;
+  # p = 2 * (C(6,0) + C(6,1)) / 2^6 = 14/64.
+  a = [1, 0, 0, 0, 0, 0, 1, 0]
+  b = [0, 1, 1, 1, 1, 1, 1, 0]
+  p, better, worse = scoring.mcnemar(a, b)
+  assert (better, worse) == (1, 5) and p == pytest.approx(14 / 64)
+  assert scoring.mcnemar([0] * 10, [1] * 10) == (pytest.approx(2 / 1024), 0, 10)
+  assert scoring.mcnemar([100.0, 0.0], [0.0, 0.0])[1:] == (1, 0)  # exact match in [0, 100]
+  assert scoring.mcnemar([0.5, 1.0], [1.0, 1.0]) is None  # F1: graded, no McNemar
+  big = scoring.mcnemar([1] * 3000 + [0] * 2000, [0] * 3000 + [1] * 2000)
+  assert 0 < big[0] < 1e-10 and big[1:] == (3000, 2000)
+  delta, lo, hi = scoring.paired_bootstrap(a, b)
+  assert delta == pytest.approx(-0.5) and lo <= delta <= hi
+  # Pairing: a constant +1 item shift has no spread, however varied the items are.
+  base = np.random.default_rng(1).uniform(0, 50, 200)
+  assert scoring.paired_bootstrap(base + 1, base) == pytest.approx((1.0, 1.0, 1.0))
+  assert scoring.paired_bootstrap(a, b) == scoring.paired_bootstrap(a, b)  # fixed seed
+
+
+def test_paired_items_match_by_id_or_fail_in_one_line():
+  a = [{"id": "x", "accuracy": 1.0}, {"id": "y", "accuracy": 0.0}]
+  b = [{"id": "y", "accuracy": 1.0}, {"id": "x", "accuracy": 1.0}]
+  got = scoring.paired_items(a, b, "accuracy")
+  assert [list(v) for v in got] == [[1.0, 0.0], [1.0, 1.0]]
+  with pytest.raises(ValueError, match=r"^A \(2 items\) and B \(1 items\) cover different "
+                     r"test items \(e.g. 'y' only in A\); score both with the same "
+                     r"eval.limit") as err:
+    scoring.paired_items(a, b[1:], "accuracy", names=("A", "B"))
+  assert "\n" not in str(err.value)
+  with pytest.raises(ValueError, match="an id appears twice"):
+    scoring.paired_items(a + a[:1], b, "accuracy")
+
+
+def _predictions(tmp_path, variant, step, values, lang="zh", task="mgsm", ids=None):
+  path = tmp_path / "eval" / "predictions" / f"{variant}-{step}-{task}-{lang}.jsonl"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  ids = ids or [f"mgsm-{i}" for i in range(len(values))]
+  path.write_text("".join(json.dumps({"id": i, "prediction": "", "accuracy": v}) + "\n"
+                          for i, v in zip(ids, values)))
+
+
+def test_report_paired_table_and_csv(tmp_path):
+  rows = [_row("zero_shot", "zh", 0.5), _row("self_translate", "zh", 0.75),
+          _row("base", "zh", 0.25, step=0), _row("self_translate_rt", "zh", 0.5),
+          _row("zero_shot", "en", 0.5), _row("self_translate", "en", 0.5)]
+  (tmp_path / "eval").mkdir()
+  with open(tmp_path / "eval" / "metrics.jsonl", "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in rows))
+  _predictions(tmp_path, "zero_shot", 10, [1, 0, 1, 0])
+  _predictions(tmp_path, "self_translate", 10, [1, 1, 1, 0])
+  _predictions(tmp_path, "base", 0, [0, 0, 1, 0])
+  _predictions(tmp_path, "self_translate_rt", 10, [1, 0, 1], ids=["mgsm-0", "mgsm-1", "x"])
+  md = report.write_report([str(tmp_path)])
+  assert "#### mgsm — Δ vs zero_shot (paired) — m" in md
+  # base: only item 0 differs (zero_shot right): Δ = -25 points, p = 1 (1 discordant item).
+  assert "| base | zh | -25.0 | [-75.0, +0.0] | 1 | 4 | 0 / 1 |" in md
+  assert "| self_translate | zh | +25.0 | [+0.0, +75.0] | 1 | 4 | 1 / 0 |" in md
+  assert ("- self_translate_rt zh: report: eval/predictions/self_translate_rt-10-mgsm-zh.jsonl "
+          "(3 items) and eval/predictions/zero_shot-10-mgsm-zh.jsonl (4 items) cover different "
+          "test items (e.g. 'x' only in") in md
+  table = list(csv.DictReader((tmp_path / "report.csv").read_text().splitlines()))
+  paired = {(r["variant"], r["lang"]): r for r in table}
+  assert paired[("self_translate", "zh")]["paired_delta"] == "0.25"
+  assert paired[("self_translate", "zh")]["mcnemar_p"] == "1.0"
+  assert paired[("self_translate", "zh")]["discordant_better"] == "1"
+  assert paired[("self_translate", "en")]["paired_delta"] == ""  # no prediction files
+  assert paired[("zero_shot", "zh")]["paired_n"] == ""
+
+
 def _row(variant, lang, value, step=10, model="m", params=1e6, task="mgsm", **extra):
   return {"variant": variant, "step": step, "task": task, "lang": lang, "metric": "accuracy",
           "value": value, "ci_low": value - 0.05, "ci_high": value + 0.05, "n": 100,
@@ -119,7 +192,8 @@ def test_report_table_deltas_and_plot(tmp_path):
   assert (tmp_path / "report.png").stat().st_size > 1000
   lines = (tmp_path / "report.csv").read_text().splitlines()
   assert lines[0].startswith("model,task,metric,variant") and len(lines) == 1 + 7
-  assert lines[0].endswith(",truncated")
+  assert lines[0].startswith("model,task,metric,variant,lang,step,value,ci_low,ci_high,n,"
+                             "delta_vs_zero_shot,truncated,paired_delta,")
   cut = {(r["model"], r["variant"], r["lang"]): r["truncated"]
          for r in csv.DictReader(lines)}
   assert cut[("m", "self_translate", "zh")] == "3" and cut[("m", "zero_shot", "zh")] == ""

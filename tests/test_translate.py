@@ -33,8 +33,9 @@ def fake_translation(source: str) -> str:
 
 
 def source_of(prompt: str) -> str:
-  """The text after the last 'English: ' of a prompt (the query line)."""
-  return prompt.rsplit("English: ", 1)[1].rsplit("\n", 1)[0]
+  """The text of a prompt's query line ('English: <text>' before the open 'German:' line; the
+  round-trip pass: 'German: <text>' before 'English:')."""
+  return prompt.rsplit("\n", 2)[-2].split(": ", 1)[1]
 
 
 class FakeDecoder:

@@ -1,5 +1,7 @@
 """The report stage: results table and plots from `eval/metrics.jsonl`: variants × languages,
-deltas over zero-shot cross-lingual transfer, 95% intervals, and accuracy vs model size.
+deltas over zero-shot cross-lingual transfer, 95% intervals, and accuracy vs model size; and
+per task each variant's paired difference to zero-shot transfer on the same test items
+(`eval/predictions/`: paired bootstrap interval, McNemar's exact test).
 
     python -m stt_jax.stages.report --workdir=/path/to/workdir [--workdir=another ...]
 
@@ -24,13 +26,14 @@ from collections.abc import Callable, Iterable, Sequence
 
 import ml_collections
 
-from stt_jax import appendlog, hosts, memory, report_plots
+from stt_jax import appendlog, hosts, memory, report_plots, scoring
 from stt_jax.run_config import model_label
 from stt_jax.tasks import TASKS
 from stt_jax.workdir import Workdir, read_json
 
 PRIMARY = {"mgsm": "accuracy", "xquad": "f1", "xnli": "accuracy"}
-VARIANT_ORDER = ("base", "zero_shot", "self_translate", "self_translate_cs")
+VARIANT_ORDER = ("base", "zero_shot", "self_translate", "self_translate_cs",
+                 "self_translate_rt")
 BASELINE = "zero_shot"
 
 
@@ -105,19 +108,94 @@ def _cell(best: dict, key: tuple) -> tuple[str, float | None]:
   return cell, delta
 
 
-def _csv_row(best: dict, key: tuple, delta) -> list:
+# report.csv columns after the first twelve: the paired comparison with zero_shot (empty where
+# there is none), so readers of the older columns keep working.
+PAIRED_COLUMNS = ("paired_delta", "paired_ci_low", "paired_ci_high", "mcnemar_p", "paired_n",
+                  "discordant_better", "discordant_worse")
+
+
+def _csv_row(best: dict, key: tuple, delta, paired: dict | None = None) -> list:
   model, task, v, lang, metric = key
   r = best[key]
+  p = (paired or {}).get(key)
+  extra = ([p["delta"], p["ci_low"], p["ci_high"], p["p"], p["n"], p["better"], p["worse"]]
+           if isinstance(p, dict) else [None] * len(PAIRED_COLUMNS))
   return [model, task, metric, v, lang, r["step"], r["value"], r["ci_low"], r["ci_high"],
-          r.get("n"), delta, r.get("truncated")]
+          r.get("n"), delta, r.get("truncated"), *extra]
 
 
-def table(rows: Sequence[dict]) -> tuple[str, list[list]]:
+def paired_stats(workdirs: Sequence[str]) -> dict[tuple, dict | str]:
+  """(model, task, variant, lang, metric) -> the paired comparison of each variant's latest
+  step with zero_shot's on the same test items (eval/predictions/, matched by id):
+  {delta, ci_low, ci_high, p (McNemar, None for graded metrics), n, better, worse}; a one-line
+  error instead where the two files cover different items. Keys without both files are left
+  out."""
+  out: dict[tuple, dict | str] = {}
+  for wd in map(Workdir, workdirs):
+    best, files = latest(read_metrics([wd.eval_metrics])), {}
+    for key, row in best.items():
+      model, task, variant, lang, metric = key
+      base = best.get((model, task, BASELINE, lang, metric))
+      if variant == BASELINE or base is None:
+        continue
+      paths = [wd.predictions(v, r["step"], task, lang) for v, r in ((variant, row),
+                                                                      (BASELINE, base))]
+      if not all(map(os.path.isfile, paths)):
+        continue
+      preds = [files.setdefault(p, appendlog.records(p)) for p in paths]
+      try:
+        a, b = scoring.paired_items(*preds, metric,
+                                    names=tuple(os.path.relpath(p, wd.root) for p in paths))
+      except ValueError as e:
+        out[key] = f"report: {e}"
+        logging.warning("%s", out[key])
+        continue
+      delta, lo, hi = scoring.paired_bootstrap(a, b)
+      test = scoring.mcnemar(a, b)
+      p, better, worse = test if test else (None, None, None)
+      out[key] = {"delta": delta, "ci_low": lo, "ci_high": hi, "p": p, "n": len(a),
+                  "better": better, "worse": worse}
+  return out
+
+
+def _paired_table(paired: dict, model: str, task: str, metric: str) -> list[str]:
+  """Markdown: each variant (and the base model) minus zero_shot on the same test items."""
+  keys = [k for k in paired if k[:2] == (model, task) and k[4] == metric]
+  if not keys:
+    return []
+  md = [f"#### {task} — Δ vs {BASELINE} (paired){f' — {model}' if model else ''}\n",
+        "| variant | lang | Δ | 95% interval | McNemar p | n | better / worse |",
+        "|---|---|---|---|---|---|---|"]
+  errors = []
+  for v in _variants(keys):
+    for lang in _langs(keys):
+      p = paired.get((model, task, v, lang, metric))
+      if isinstance(p, str):
+        errors.append(f"- {v} {lang}: {p}")
+      elif p is not None:
+        sign = lambda x: ("+" if x >= 0 else "") + _fmt(x, metric)
+        test = "—" if p["p"] is None else f"{p['p']:.3g}"
+        counts = "—" if p["better"] is None else f"{p['better']} / {p['worse']}"
+        md.append(f"| {v} | {lang} | {sign(p['delta'])} | [{sign(p['ci_low'])}, "
+                  f"{sign(p['ci_high'])}] | {test} | {p['n']} | {counts} |")
+  md.append(f"\nΔ: the variant's mean minus {BASELINE}'s over the same test items (matched by "
+            "id in eval/predictions/), in the table's unit; interval: paired bootstrap (items "
+            "resampled jointly, 2000 draws, seed 0); McNemar p: exact two-sided binomial test "
+            "on the discordant items (better: only the variant right; worse: only "
+            f"{BASELINE} right), — for a graded metric such as F1.\n")
+  if errors:
+    md += ["Not compared:\n", *errors, ""]
+  return md
+
+
+def table(rows: Sequence[dict], paired: dict | None = None) -> tuple[str, list[list]]:
   """Markdown table(s), one per (model, task) for our metric and one for the metrics scored
-  as published tables (when eval.lm_eval_compat wrote them), and the same content as CSV."""
+  as published tables (when eval.lm_eval_compat wrote them), and the same content as CSV;
+  with `paired` (paired_stats), each task's paired comparison with zero_shot too."""
   best = latest(rows)
   md, csv_rows = [], [["model", "task", "metric", "variant", "lang", "step", "value",
-                       "ci_low", "ci_high", "n", "delta_vs_zero_shot", "truncated"]]
+                       "ci_low", "ci_high", "n", "delta_vs_zero_shot", "truncated",
+                       *PAIRED_COLUMNS]]
   groups = sorted({(k[0], k[1]) for k in best})
   for model, task in groups:
     compat = _compat_metrics(best, model, task)
@@ -131,7 +209,8 @@ def table(rows: Sequence[dict]) -> tuple[str, list[list]]:
     md.append("|---|" + "---|" * len(langs))
     cut_any = False
     for v in variants:
-      cells = _row_cells(best, [(model, task, v, lang, metric) for lang in langs], csv_rows)
+      cells = _row_cells(best, [(model, task, v, lang, metric) for lang in langs], csv_rows,
+                         paired)
       cut_any = cut_any or any(best.get((model, task, v, lang, metric), {}).get("truncated")
                                for lang in langs)
       md.append(f"| {v} | " + " | ".join(cells) + " |")
@@ -140,12 +219,14 @@ def table(rows: Sequence[dict]) -> tuple[str, list[list]]:
               f"95% interval; parentheses: difference to {BASELINE} (zero-shot transfer)."
               + ("\n†k: k generations hit eval.max_new_tokens before a stop (answers may be "
                  "cut off); raise eval.max_new_tokens." if cut_any else "") + "\n")
+    md += _paired_table(paired or {}, model, task, metric)
     if compat:
-      md += _compat_table(best, model, task, compat, csv_rows)
+      md += _compat_table(best, model, task, compat, csv_rows, paired)
   return "\n".join(md), csv_rows
 
 
-def _row_cells(best: dict, keys: Sequence[tuple], csv_rows: list) -> list[str]:
+def _row_cells(best: dict, keys: Sequence[tuple], csv_rows: list,
+               paired: dict | None = None) -> list[str]:
   """A table row's cells ("—" where a key has no row); the rows shown also go to the CSV."""
   cells = []
   for key in keys:
@@ -154,7 +235,7 @@ def _row_cells(best: dict, keys: Sequence[tuple], csv_rows: list) -> list[str]:
       continue
     cell, delta = _cell(best, key)
     cells.append(cell)
-    csv_rows.append(_csv_row(best, key, delta))
+    csv_rows.append(_csv_row(best, key, delta, paired))
   return cells
 
 
@@ -166,7 +247,7 @@ def _compat_metrics(best: dict, model: str, task: str) -> list[str]:
 
 
 def _compat_table(best: dict, model: str, task: str, metrics: Sequence[str],
-                  csv_rows: list) -> list[str]:
+                  csv_rows: list, paired: dict | None = None) -> list[str]:
   """The second table of a task: metric × variant rows, scored as published tables are."""
   keys = [k for k in best if k[:2] == (model, task) and k[4] in metrics]
   variants, langs = _variants(keys), _langs(keys)
@@ -177,7 +258,8 @@ def _compat_table(best: dict, model: str, task: str, metrics: Sequence[str],
         "|---|---|" + "---|" * len(langs)]
   for metric in metrics:
     for v in variants:
-      cells = _row_cells(best, [(model, task, v, lang, metric) for lang in langs], csv_rows)
+      cells = _row_cells(best, [(model, task, v, lang, metric) for lang in langs], csv_rows,
+                         paired)
       md.append(f"| {metric}{' (%)' if metric in FRACTIONS else ''} | {v} | "
                 + " | ".join(cells) + " |")
   md.append("\nThe same checkpoints and test items as the table above, scored under the "
@@ -327,7 +409,7 @@ def write_report(workdirs: Sequence[str], out_dir: str | None = None) -> str:
   rows = read_metrics(Workdir(w).eval_metrics for w in workdirs)
   out = Workdir(out_dir or workdirs[0])
   os.makedirs(out.root, exist_ok=True)
-  md, csv_rows = table(rows)
+  md, csv_rows = table(rows, paired_stats(workdirs))
   md += train_cuts(workdirs)
   if rows:
     plot(rows, out.report("png"))

@@ -4,7 +4,8 @@ code-switched rows, resumably.
   run(cfg, Workdir(workdir), tokenizer)
 
 zero_shot trains on English only (the baseline); self_translate adds every target language's
-translations; self_translate_cs adds the code-switched rows too (train_data.rows_for_variant).
+translations; self_translate_cs adds the code-switched rows too; self_translate_rt trains on
+English + the translations that passed the round-trip filter (train_data.rows_for_variant).
 Each variant trains in `runs/<variant>/` (stt_jax.train.train: checkpoints, metrics) and gets a
 `train_done.json` marker when finished, so a rerun skips it and the eval loop knows its final
 step. On preemption the process exits with 143 after saving: rerun the same command.
@@ -27,11 +28,14 @@ log = logging.getLogger(__name__)
 
 
 def rows_by_source(cfg, wd: Workdir) -> dict[str, list[dict]]:
-  """English train rows + every target language's translated and code-switched rows."""
+  """English train rows + every target language's translated, code-switched and
+  round-trip-filtered rows."""
   task = get_task(cfg.task.name)
-  out = {"en": translate_stage.english_rows(cfg, task), "translated": [], "code_switched": []}
+  out = {"en": translate_stage.english_rows(cfg, task), "translated": [], "code_switched": [],
+         "translated_rt": []}
   for lang in cfg.task.target_langs:
-    for source, kind in (("translated", "train"), ("code_switched", "cs")):
+    for source, kind in (("translated", "train"), ("code_switched", "cs"),
+                         ("translated_rt", "train_rt")):
       path = wd.translation(task.name, lang, kind)
       if os.path.isfile(path):
         out[source] += train_data.read_rows(path)
@@ -54,6 +58,13 @@ def run(cfg, wd: Workdir, tokenizer) -> None:
       if missing:
         raise PreflightError(f"main: variant {variant} needs translations for {missing}; run "
                              "the 'translate' stage first (config.stages)")
+    if variant == translate_stage.ROUNDTRIP_VARIANT:
+      missing = hosts.agree([l for l in cfg.task.target_langs if not os.path.isfile(
+          wd.translation(get_task(cfg.task.name).name, l, "train_rt"))])
+      if missing:
+        raise PreflightError(f"main: variant {variant} needs the round-trip pass for {missing}; "
+                             "rerun the 'translate' stage with self_translate_rt in "
+                             "config.variants")
     rows = rows if rows is not None else rows_by_source(cfg, wd)
     result = train_lib.train(cfg.model.path, tokenizer, cfg.task.name,
                              train_data.rows_for_variant(variant, rows), cfg, wd.run(variant),

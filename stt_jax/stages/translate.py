@@ -10,10 +10,17 @@ host), so a killed run resumes where it stopped. At the end process 0 rebuilds t
 (stt_jax.translate_assemble) and writes `translations/<task>_<lang>.{train,cs}.jsonl` and
 `.stats.json` (paths: stt_jax.workdir). A `.done.json` stamp of the settings makes a rerun with
 the same config skip the language; a changed setting redoes it from the cache.
+
+When config.variants has self_translate_rt, a round-trip pass follows the forward one: the
+kept rows' translations are decoded back to English (reversed exemplars, the same engine), into
+a cache of their own (`cache/<task>_<lang>.back.part<host>.jsonl`, as resumable), and the rows
+whose back-translation passes translate.roundtrip go to `<task>_<lang>.train_rt.jsonl`
+(stt_jax.translate_roundtrip).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,9 +32,10 @@ import jax
 
 from stt_jax import appendlog, faults, hosts, run_config, sharding
 from stt_jax import translate as tl
+from stt_jax import translate_roundtrip as rt
 from stt_jax.models import load_hf
 from stt_jax.tasks import Task, get_task
-from stt_jax.translate_assemble import assemble
+from stt_jax.translate_assemble import Assembled, assemble
 from stt_jax.workdir import Workdir, read_json, translate_stamp, write_marker
 
 log = logging.getLogger(__name__)
@@ -42,11 +50,36 @@ def english_rows(cfg, task: str | Task | None = None) -> list[dict]:
                         sample_seed=t.train_sample_seed, allow_subset=t.allow_subset))
 
 
+ROUNDTRIP_VARIANT = "self_translate_rt"
+
+
+def roundtrip_on(cfg) -> bool:
+  """Whether the run needs the round-trip pass (a variant trains on its rows)."""
+  return ROUNDTRIP_VARIANT in cfg.variants
+
+
 def stamp(cfg, lang: str) -> dict:
-  """What a language's files depend on (the translate section and the task's inputs)."""
+  """What a language's files depend on (the translate section and the task's inputs), and
+  under 'roundtrip' the round-trip settings when the run needs that pass."""
   section = cfg.translate.to_dict()
+  roundtrip = section.pop("roundtrip")
   section["task_inputs"] = {k: cfg.task[k] for k in run_config.TASK_OWNED}
-  return translate_stamp(cfg.model.path, get_task(cfg.task.name).name, lang, section)
+  out = translate_stamp(cfg.model.path, get_task(cfg.task.name).name, lang, section)
+  if roundtrip_on(cfg):
+    out["roundtrip"] = json.loads(json.dumps(roundtrip, sort_keys=True, default=str))
+  return out
+
+
+def up_to_date(have: dict | None, want: dict) -> bool:
+  """Whether a language's marker (`have`) covers the stamp `want`: the same forward settings,
+  and the same round-trip settings when `want` has them. A run without the round-trip
+  variant is covered by a marker written with it, so rerunning a subset of the variants
+  redoes nothing."""
+  if have is None:
+    return False
+  if "roundtrip" not in want:
+    have = {k: v for k, v in have.items() if k != "roundtrip"}
+  return have == want
 
 
 def done(cfg, wd: Workdir, lang: str) -> bool:
@@ -63,7 +96,7 @@ def run(cfg, wd: Workdir, tokenizer) -> None:
   model = None
   for lang in cfg.task.target_langs:
     marker, want = wd.translation(task.name, lang, "done"), stamp(cfg, lang)
-    if hosts.agree(read_json(marker) == want):  # Process 0 decides for every host.
+    if hosts.agree(up_to_date(read_json(marker), want)):  # Process 0 decides for every host.
       log.info("translate: %s is up to date; skipping", lang)
       continue
     if model is None:
@@ -93,7 +126,7 @@ def translate_task(model, tokenizer, task_name: str, lang: str, cfg, workdir: os
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   wd = Workdir(os.fspath(workdir))
-  name = f"{task.name}_{lang}"
+  name = wd.cache_name(task.name, lang)
   rows = english_rows(cfg, task)
   plan = [{f: tl.split_field(t, tcfg) for f, t in task.translatable_texts(r).items()}
           for r in rows]
@@ -115,20 +148,30 @@ def translate_task(model, tokenizer, task_name: str, lang: str, cfg, workdir: os
                         "cached": len(mine) - speed.segments},
            "throughput": speed.as_dict()}
   hosts.barrier(f"translate-{name}-decoded")
+  back = None
+  if roundtrip_on(cfg):  # Every host assembles (cheap) to know which rows to translate back.
+    found = _lookup(cache, ident, todo)
+    result = assemble(task, rows, plan, found, lang, tcfg)
+    back = _roundtrip_decode(translator, wd, task, lang, rows, plan, result, found, pairs,
+                             tcfg, (index, count), stats)
+    hosts.barrier(f"translate-{name}-back-decoded")
   if index == 0:
-    _assemble_and_write(wd, task, lang, rows, plan, _lookup(cache, ident, todo), tcfg, stats,
-                        start)
+    if back is None:
+      found = _lookup(cache, ident, todo)
+      result = assemble(task, rows, plan, found, lang, tcfg)
+    _assemble_and_write(wd, task, lang, result, found, tcfg, stats, start)
+    if back is not None:
+      _roundtrip_write(wd, task, lang, back, found, tcfg, stats)
   hosts.barrier(f"translate-{name}-written")
   stats.setdefault("wall_s", round(time.perf_counter() - start, 2))
   return stats
 
 
-def _assemble_and_write(wd: Workdir, task: Task, lang: str, rows, plan, found, tcfg,
+def _assemble_and_write(wd: Workdir, task: Task, lang: str, result: Assembled, found, tcfg,
                         stats: dict, start: float) -> None:
   """Process 0: training rows from every host's segment translations, written atomically;
   `stats` gains the counts."""
   stats["segments"]["truncated"] = sum(map(tl.is_truncated, found.values()))
-  result = assemble(task, rows, plan, found, lang, tcfg)
   stats.update(result.stats)
   stats["segments"]["rejected"] = result.segment_rejects
   stats["rejected_samples"] = result.reject_samples
@@ -142,6 +185,63 @@ def _assemble_and_write(wd: Workdir, task: Task, lang: str, rows, plan, found, t
                        point="translate.replace")
 
 
+@dataclasses.dataclass
+class _Back:
+  """What the round-trip pass decoded: the kept rows with their English rows and plans, the
+  fields it checks, and where the back-translations are."""
+  kept: list[tuple[dict, dict, dict]]  # (translated row, English row, its segment plan)
+  fields: list[str]
+  cache: tl.TranslationCache
+  ident: tuple[str, str, str]
+  sources: list[str]
+
+
+def _roundtrip_decode(translator: tl.Translator, wd: Workdir, task: Task, lang: str, rows, plan,
+                      result: Assembled, found, pairs, tcfg, host: tuple[int, int],
+                      stats: dict) -> _Back:
+  """Decodes this host's share of the kept rows' translations back into English (its own
+  cache, resumable); `stats` gains the pass's segment counts and throughput."""
+  index, count = host
+  fields = list(tcfg.roundtrip.fields[task.name])
+  by_id = {f"{r['id']}.{lang}": (r, p) for r, p in zip(rows, plan)}
+  kept = [(row, *by_id[row["id"]]) for row in result.rows]
+  sources = rt.back_sources([p for _, _, p in kept], fields, found)
+  reverse = rt.back_pairs(pairs)
+  ident = (tl.model_id(translator.model, tcfg),
+           tl.prompt_id(reverse, tcfg.src_lang, tcfg, src=lang), tcfg.src_lang)
+  cache = tl.TranslationCache(wd.translation_cache, wd.cache_name(task.name, lang, back=True),
+                              index)
+  mine = sources[index::count]
+  speed = _decode_missing(translator, cache, ident, reverse, mine, tcfg,
+                          f"round-trip {task.name}_{lang}", src=lang)
+  stats["roundtrip"] = {"prompt": ident[1], "segments": {
+      "decode": len(sources), "this_host": len(mine), "decoded_this_run": speed.segments,
+      "cached": len(mine) - speed.segments}, "throughput": speed.as_dict()}
+  return _Back(kept, fields, cache, ident, sources)
+
+
+def _roundtrip_write(wd: Workdir, task: Task, lang: str, back: _Back, found, tcfg,
+                     stats: dict) -> None:
+  """Process 0: chrF of every kept row's back-translations, the rows that pass the rule
+  (`train_rt`), one score row per checked row (`roundtrip`), and the counts in `stats`."""
+  decoded = _lookup(back.cache, back.ident, back.sources)
+  scores, texts = [], []
+  for _, en_row, plan in back.kept:
+    texts.append(rt.back_texts(plan, back.fields, found, decoded, tcfg))
+    english = task.translatable_texts(en_row)
+    scores.append(rt.field_chrf({f: english[f] for f in back.fields}, texts[-1]))
+  keep = rt.keep_mask([min(s.values()) for s in scores], tcfg.roundtrip)
+  stats["roundtrip"].update(rt.summary(scores, keep, back.fields, tcfg.roundtrip))
+  appendlog.write_atomic(wd.translation(task.name, lang, "train_rt"),
+                         _jsonl([row for (row, _, _), k in zip(back.kept, keep) if k]),
+                         "translate.replace")
+  appendlog.write_atomic(wd.translation(task.name, lang, "roundtrip"), _jsonl(
+      [{"id": row["id"], "keep": k, "chrf": s, "back": t}
+       for (row, _, _), k, s, t in zip(back.kept, keep, scores, texts)]), "translate.replace")
+  appendlog.write_json(wd.translation(task.name, lang, "stats"), stats, indent=1,
+                       point="translate.replace")
+
+
 def _jsonl(rows: Sequence[dict]) -> str:
   return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
@@ -151,8 +251,9 @@ def _unique(items) -> list:
 
 
 def _decode_missing(translator: tl.Translator, cache: tl.TranslationCache, ident, pairs,
-                    sources, cfg, desc: str) -> tl.Throughput:
-  """Decodes the `sources` the cache lacks, appending each batch to this host's part."""
+                    sources, cfg, desc: str, src: str | None = None) -> tl.Throughput:
+  """Decodes the `sources` the cache lacks, appending each batch to this host's part; `src`:
+  their language (default the English source; the round-trip pass: the target)."""
   model_name, prompt_hash, lang = ident
   have = cache.load()
   missing = [s for s in sources if (*ident, s) not in have]
@@ -162,7 +263,7 @@ def _decode_missing(translator: tl.Translator, cache: tl.TranslationCache, ident
   append = cache.appender()
   record = lambda batch: append([{"model": model_name, "prompt": prompt_hash, "lang": lang, **r}
                                  for r in batch])
-  prompts = [tl.build_prompt(pairs, s, lang, cfg) for s in missing]
+  prompts = [tl.build_prompt(pairs, s, lang, cfg, src=src) for s in missing]
   return translator.translate(prompts, missing, desc, record)[1]
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASK_LANG = "xnli_zh"
-VARIANTS = ("zero_shot", "self_translate", "self_translate_cs")
+VARIANTS = ("zero_shot", "self_translate", "self_translate_cs", "self_translate_rt")
 # Async saves, so that a kill can land while a checkpoint is being written.
 COMMON = ("--config.checkpoint.async_save=True",)
 STAGES = ("translate", "train", "eval")
@@ -137,10 +137,16 @@ def translate_outputs(workdir: str) -> dict:
   stats = json.loads(_read(os.path.join(folder, f"{TASK_LANG}.stats.json")) or "{}")
   stats = _drop(stats, "throughput", "wall_s")
   stats["segments"] = _drop(stats.get("segments", {}), "decoded_this_run", "cached")
+  if "roundtrip" in stats:  # The back pass (configs/tiny.py trains self_translate_rt).
+    stats["roundtrip"] = _drop(stats["roundtrip"], "throughput")
+    stats["roundtrip"]["segments"] = _drop(stats["roundtrip"]["segments"], "decoded_this_run",
+                                           "cached")
   cache = sorted(line for path in glob.glob(os.path.join(folder, "cache", "*.jsonl"))
                  for line in _lines(path))
   return {"train": _read(os.path.join(folder, f"{TASK_LANG}.train.jsonl")),
           "cs": _read(os.path.join(folder, f"{TASK_LANG}.cs.jsonl")),
+          "train_rt": _read(os.path.join(folder, f"{TASK_LANG}.train_rt.jsonl")),
+          "roundtrip": _read(os.path.join(folder, f"{TASK_LANG}.roundtrip.jsonl")),
           "marker": _read(os.path.join(folder, f"{TASK_LANG}.done.json")),
           "stats": stats, "cache": cache}
 
