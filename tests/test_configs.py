@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
                if f.endswith(".py") and f != "__init__.py")
 PAPER = [n for n in NAMES if n.split("_")[0] in ("mgsm", "xnli", "xquad")]
-CPU = [n for n in NAMES if n not in PAPER]  # demo, demo_gemma, tiny: the bundled subsets.
+CPU = [n for n in NAMES if n not in PAPER]  # cpu_xnli, demo, demo_gemma, tiny: bundled subsets.
 
 
 def _config(name):
@@ -25,7 +25,7 @@ def _config(name):
 
 
 def test_every_shipped_config_loads_and_validates():
-  assert len(PAPER) == 12 and sorted(CPU) == ["demo", "demo_gemma", "tiny"]
+  assert len(PAPER) == 12 and sorted(CPU) == ["cpu_xnli", "demo", "demo_gemma", "tiny"]
   for name in NAMES:
     cfg = _config(name)
     run_config.validate(cfg)
