@@ -107,18 +107,28 @@ def write_tiny_gguf(path, tied=False, seed=0):
         x = 1.0 + 0.1 * x
       w.add_tensor(_gguf_name(name), x)
       expected[name] = x
-    elif i % 2:  # Alternate f16 and Q8_0 so both dequantize paths run.
-      w.add_tensor(_gguf_name(name), x.astype(np.float16))
-      expected[name] = x.astype(np.float16).astype(np.float32)
     else:
-      q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
-      w.add_tensor(_gguf_name(name), q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-      expected[name] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(shape)
+      expected[name] = add_matrix(w, _gguf_name(name), x, quantize=i % 2 == 0)
+  finish(w)
+  return expected
+
+
+def add_matrix(w, gguf_name, x, quantize):
+  """Adds a weight matrix as Q8_0 or f16 (callers alternate, so both dequantize paths run);
+  returns what a correct reader gets back, as float32."""
+  if not quantize:
+    w.add_tensor(gguf_name, x.astype(np.float16))
+    return x.astype(np.float16).astype(np.float32)
+  q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+  w.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+  return gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(x.shape)
+
+
+def finish(w):
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
-  return expected
 
 
 def read_safetensors(path):
@@ -535,18 +545,9 @@ def write_tiny_gemma3_gguf(path, seed=0):
       stored = (x + np.float32(1)).astype(np.float32)
       w.add_tensor(_gemma_gguf_name(name), stored)
       expected[name] = stored - np.float32(1)
-    elif i % 2:
-      w.add_tensor(_gemma_gguf_name(name), x.astype(np.float16))
-      expected[name] = x.astype(np.float16).astype(np.float32)
     else:
-      q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
-      w.add_tensor(_gemma_gguf_name(name), q, raw_shape=q.shape,
-                   raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-      expected[name] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(shape)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+      expected[name] = add_matrix(w, _gemma_gguf_name(name), x, quantize=i % 2 == 0)
+  finish(w)
   return expected
 
 
@@ -591,10 +592,7 @@ def test_unsupported_architecture_is_one_line(tmp_path):
   w = gguf.GGUFWriter(str(path), "llama")
   w.add_block_count(1)
   w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
+  finish(w)
   with pytest.raises(gguf_convert.ConversionError, match="'llama'; this converter maps only "
                      "qwen2, gemma3") as e:
     gguf_convert.convert(path, tmp_path / "hf", progress=False)
