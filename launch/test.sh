@@ -11,13 +11,13 @@ bash launch/setup.sh
 . .venv/bin/activate
 what=${1:-all}
 if [ "$what" = all ] || [ "$what" = fast ]; then
-  python -m pytest -q
+  python -m pytest -q --durations=15
 fi
 if [ "$what" = all ] || [ "$what" = faults ]; then
-  python -m pytest -q -m faults
+  python -m pytest -q -m faults --durations=10
 fi
 if [ "$what" = all ] || [ "$what" = slow ]; then
   python -m stt_jax.models.fetch_demo
   python -m stt_jax.models.fetch_demo --model gemma3-270m
-  python -m pytest -q -m slow
+  python -m pytest -q -m slow --durations=10
 fi
