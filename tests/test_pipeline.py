@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from stt_jax import run_config
 from stt_jax.models import safetensors_io
 from tests import make_tiny_model
 
@@ -22,6 +23,10 @@ def _env():
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   env["PYTHONPATH"] = ROOT
   return env
+
+
+# Every variant, the round-trip one too (configs/tiny.py runs the default three).
+ALL_VARIANTS = f"--config.variants={run_config.VARIANTS!r}"
 
 
 def run_main(workdir, model, *extra, module="stt_jax.main", timeout=600, check=True):
@@ -56,7 +61,7 @@ def _tree(workdir):
 def test_tiny_all_stages_then_rerun_is_noop(tiny_model, tmp_path):
   workdir = str(tmp_path / "run")
   start = time.time()
-  run_main(workdir, tiny_model)
+  run_main(workdir, tiny_model, ALL_VARIANTS)
   assert time.time() - start < 180
   rows = _metrics(workdir)
   keys = collections.Counter((r["variant"], r["step"], r["lang"]) for r in rows)
@@ -86,7 +91,7 @@ def test_tiny_all_stages_then_rerun_is_noop(tiny_model, tmp_path):
 
   before = _tree(workdir)
   start = time.time()
-  proc = run_main(workdir, tiny_model)
+  proc = run_main(workdir, tiny_model, ALL_VARIANTS)
   after = _tree(workdir)
   changed = {k for k in after if before.get(k) != after[k]}
   # Only the report is rewritten (and each stage's time and memory logged again); nothing is
@@ -174,8 +179,8 @@ def test_two_process_run_matches_one_process(tiny_model, tmp_path):
   written by process 0) on 2 local processes x 2 CPU devices with JAX's gloo collectives;
   then a rerun of one variant and a separate eval loop, where every host must take process
   0's decisions (done markers, what is scored, finished) or they deadlock."""
-  _two_processes(tmp_path / "multi", tiny_model)
-  run_main(str(tmp_path / "single"), tiny_model)
+  _two_processes(tmp_path / "multi", tiny_model, ALL_VARIANTS)
+  run_main(str(tmp_path / "single"), tiny_model, ALL_VARIANTS)
   multi, single = tmp_path / "multi", tmp_path / "single"
   for name in ("translations/xnli_zh.train.jsonl", "translations/xnli_zh.train_rt.jsonl",
                "translations/xnli_zh.roundtrip.jsonl"):
