@@ -149,19 +149,19 @@ def translate_task(model, tokenizer, task_name: str, lang: str, cfg, workdir: os
            "throughput": speed.as_dict()}
   hosts.barrier(f"translate-{name}-decoded")
   back = None
-  if roundtrip_on(cfg):  # Every host assembles (cheap) to know which rows to translate back.
-    found = _lookup(cache, ident, todo)
+  if index == 0 or roundtrip_on(cfg):  # With the round trip every host assembles (cheap)
+    found = _lookup(cache, ident, todo)  # to know which rows to translate back.
     result = assemble(task, rows, plan, found, lang, tcfg)
+  if roundtrip_on(cfg):
     back = _roundtrip_decode(translator, wd, task, lang, rows, plan, result, found, pairs,
                              tcfg, (index, count), stats)
     hosts.barrier(f"translate-{name}-back-decoded")
   if index == 0:
-    if back is None:
-      found = _lookup(cache, ident, todo)
-      result = assemble(task, rows, plan, found, lang, tcfg)
     _assemble_and_write(wd, task, lang, result, found, tcfg, stats, start)
     if back is not None:
       _roundtrip_write(wd, task, lang, back, found, tcfg, stats)
+    appendlog.write_json(wd.translation(task.name, lang, "stats"), stats, indent=1,
+                         point="translate.replace")
   hosts.barrier(f"translate-{name}-written")
   stats.setdefault("wall_s", round(time.perf_counter() - start, 2))
   return stats
@@ -170,7 +170,7 @@ def translate_task(model, tokenizer, task_name: str, lang: str, cfg, workdir: os
 def _assemble_and_write(wd: Workdir, task: Task, lang: str, result: Assembled, found, tcfg,
                         stats: dict, start: float) -> None:
   """Process 0: training rows from every host's segment translations, written atomically;
-  `stats` gains the counts."""
+  `stats` gains the counts (the caller writes it, once, after the round trip's)."""
   stats["segments"]["truncated"] = sum(map(tl.is_truncated, found.values()))
   stats.update(result.stats)
   stats["segments"]["rejected"] = result.segment_rejects
@@ -181,8 +181,6 @@ def _assemble_and_write(wd: Workdir, task: Task, lang: str, result: Assembled, f
                          "translate.replace")
   appendlog.write_atomic(wd.translation(task.name, lang, "cs"), _jsonl(result.cs_rows),
                          "translate.replace")
-  appendlog.write_json(wd.translation(task.name, lang, "stats"), stats, indent=1,
-                       point="translate.replace")
 
 
 @dataclasses.dataclass
@@ -238,8 +236,6 @@ def _roundtrip_write(wd: Workdir, task: Task, lang: str, back: _Back, found, tcf
   appendlog.write_atomic(wd.translation(task.name, lang, "roundtrip"), _jsonl(
       [{"id": row["id"], "keep": k, "chrf": s, "back": t}
        for (row, _, _), k, s, t in zip(back.kept, keep, scores, texts)]), "translate.replace")
-  appendlog.write_json(wd.translation(task.name, lang, "stats"), stats, indent=1,
-                       point="translate.replace")
 
 
 def _jsonl(rows: Sequence[dict]) -> str:
