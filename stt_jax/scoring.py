@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from stt_jax import decode, generation, sharding, train_data
 from stt_jax.models.decoder import KVCache, positions_from_mask
@@ -132,7 +133,8 @@ def _continuation_logprobs(graphdef, state, ids, mask, conts, cont_mask, score_m
   return jax.lax.map(one, (conts, cont_mask, score_mask))
 
 
-def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None, kv_dtype=None):
+def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None, kv_dtype=None,
+              desc: str | None = None):
   """A `score_fn(prompts, continuations) -> log-likelihoods` over a JAX model.
 
   Each prompt + continuation is tokenized as one text and the continuation's tokens are those
@@ -140,32 +142,38 @@ def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None, kv_dtype=None):
   SentencePiece dummy prefix '▁' before the continuation; a token across the boundary counts
   as continuation). A prompt repeated with several continuations (XNLI's three labels) is run
   once, up to the prompt tokens all its continuations share; each continuation then reads its
-  KV cache (in `kv_dtype`, default the model's compute dtype). Power-of-two lengths keep
-  compilations few.
+  KV cache (in `kv_dtype`, default the model's compute dtype). Prompts are batched longest
+  first, so each batch pads to lengths close to its own (a memory shortfall shows in the
+  first batch), and padded lengths come in few sizes, so compilations stay few. `desc`: show a
+  progress bar (prompts/s, ETA) under that name.
   """
   graphdef, state = nnx.split(model)
   kv_dtype = jnp.dtype(kv_dtype or model.dtype)
   mesh = mesh if mesh is not None else model.mesh
 
+  def prepare(prompt: str, conts: Sequence[str]) -> tuple[list[int], list[tuple]]:
+    """(shared prompt ids, per continuation (ids after them, how many of those not scored))."""
+    joined = train_data.joined_tokens(tokenizer, [prompt] * len(conts), list(conts))
+    shared = min(n for _, n in joined)
+    if shared == 0:
+      raise ValueError(f"loglik: prompt {prompt[:40]!r} has no token before its continuation "
+                       "(tokenizer adds no BOS and merges it into the first token); start "
+                       "the prompt with text the continuation cannot merge into")
+    return joined[0][0][:shared], [(ids[shared:], n - shared) for ids, n in joined]
+
   def score(prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
       groups.setdefault(p, []).append(i)
-    unique = list(groups)
+    prepared = {p: prepare(p, [continuations[i] for i in idx]) for p, idx in groups.items()}
+    unique = sorted(groups, key=lambda p: -len(prepared[p][0]))  # Longest first, stable.
     out = [0.0] * len(prompts)
+    bar = tqdm(total=len(unique), desc=desc, unit="prompt", disable=desc is None,
+               dynamic_ncols=True)
     for k in range(0, len(unique), batch_size):
       chunk = unique[k:k + batch_size]
-      p_ids, c_ids = [], []  # Shared prompt ids; per continuation (ids, tokens not scored).
-      for p in chunk:
-        joined = train_data.joined_tokens(tokenizer, [p] * len(groups[p]),
-                                          [continuations[i] for i in groups[p]])
-        shared = min(n for _, n in joined)
-        if shared == 0:
-          raise ValueError(f"loglik: prompt {p[:40]!r} has no token before its continuation "
-                           "(tokenizer adds no BOS and merges it into the first token); "
-                           "start the prompt with text the continuation cannot merge into")
-        p_ids.append(joined[0][0][:shared])
-        c_ids.append([(ids[shared:], n - shared) for ids, n in joined])
+      p_ids = [prepared[p][0] for p in chunk]
+      c_ids = [prepared[p][1] for p in chunk]
       m = max(len(c) for c in c_ids)
       p_len = decode.bucket_length(max(len(x) for x in p_ids))
       c_len = decode.bucket_length(max(len(x) for c in c_ids for x, _ in c), 4)
@@ -187,6 +195,8 @@ def loglik_fn(model, tokenizer, batch_size: int = 8, mesh=None, kv_dtype=None):
       for r, p in enumerate(chunk):
         for j, i in enumerate(groups[p]):
           out[i] = float(scores[j, r])
+      bar.update(len(chunk))
+    bar.close()
     return out
 
   return score
@@ -214,7 +224,7 @@ def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *
       raise ValueError(f"eval.method='loglik' needs a task with label words; {task.name} has "
                        "none (use 'generate')")
     predictions = task.rank_labels(rows, loglik_fn(model, tokenizer, batch_size, mesh,
-                                                   kv_dtype=kv_dtype))
+                                                   kv_dtype=kv_dtype, desc=desc))
     stopped = None
   elif method == "generate":
     prompts = [task.format_prompt(r) for r in rows]
@@ -231,8 +241,8 @@ def score_split(model, tokenizer, task: Task, rows: Sequence[dict], lang: str, *
   names = task.metric_names
   if lm_eval_compat:
     # Built on first use: only tasks whose compat metrics rank continuations need it.
-    score_fn = lambda p, c: loglik_fn(model, tokenizer, batch_size, mesh,
-                                      kv_dtype=kv_dtype)(p, c)
+    score_fn = lambda p, c: loglik_fn(model, tokenizer, batch_size, mesh, kv_dtype=kv_dtype,
+                                      desc=f"{desc} (lm-eval rules)")(p, c)
     choices = task.rank_compat_choices(rows, score_fn)
     names += task.compat_metric_names
   per_example = example_scores(task, predictions, rows, choices, lm_eval_compat)

@@ -259,8 +259,8 @@ def test_compat_pass_picks_what_whole_sentences_pick(tmp_path):
 def test_eval_stage_writes_compat_rows(tmp_path, monkeypatch):
   """score_model with a fake log-likelihood: our accuracy, lm_eval_acc from the extra pass
   (method 'loglik', nothing cut), the pick in the predictions file; then the switch off."""
-  def fake_loglik(model, tokenizer, batch_size, mesh, kv_dtype=None):
-    del model, tokenizer, batch_size, mesh, kv_dtype
+  def fake_loglik(model, tokenizer, batch_size, mesh, kv_dtype=None, desc=None):
+    del model, tokenizer, batch_size, mesh, kv_dtype, desc
     # Ours ranks " entailment"...; lm-eval's form " Ja, ..." / " Auch, ..." / " Nein, ...".
     return lambda prompts, conts: [float(c.startswith((" neutral", " Nein"))) for c in conts]
   monkeypatch.setattr(scoring, "loglik_fn", fake_loglik)

@@ -146,6 +146,7 @@ def test_report_paired_table_and_csv(tmp_path):
   _predictions(tmp_path, "self_translate_rt", 10, [1, 0, 1], ids=["mgsm-0", "mgsm-1", "x"])
   md = report.write_report([str(tmp_path)])
   assert "#### mgsm — Δ vs zero_shot (paired) — m" in md
+  assert "predicted labels" not in md  # Open answers: no label table.
   # base: only item 0 differs (zero_shot right): Δ = -25 points, p = 1 (1 discordant item).
   assert "| base | zh | -25.0 | [-75.0, +0.0] | 1 | 4 | 0 / 1 |" in md
   assert "| self_translate | zh | +25.0 | [+0.0, +75.0] | 1 | 4 | 1 / 0 |" in md
@@ -217,3 +218,25 @@ def test_config_validation_names_nearest_key():
   with pytest.raises(run_config.ConfigKeyError, match=r"'stages' = 'trian' is not one of"):
     run_config.check_schema(ml_collections.ConfigDict({**good.to_dict(), "stages": ["trian"]}),
                         schema, {"stages": ("translate", "train")})
+
+
+def test_report_counts_predicted_labels_for_a_classification_task(tmp_path):
+  rows = [_row("zero_shot", "zh", 0.5, task="xnli"), _row("base", "zh", 0.25, step=0,
+                                                            task="xnli")]
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "eval" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  preds = {"zero_shot-10": ["entailment", "entailment", "neutral", "contradiction"],
+           "base-0": ["neutral", "neutral", "neutral", "maybe"]}  # Generation: no label word.
+  for name, labels in preds.items():
+    path = tmp_path / "eval" / "predictions" / f"{name}-xnli-zh.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": f"x{i}", "prediction": p, "accuracy": 0.0})
+                            + "\n" for i, p in enumerate(labels)))
+  shares = report.label_shares([str(tmp_path)])
+  assert shares[("m", "xnli", "zero_shot", "zh")] == {
+      "n": 4, "shares": {"entailment": 0.5, "neutral": 0.25, "contradiction": 0.25,
+                         "other": 0.0}}
+  md = report.write_report([str(tmp_path)])
+  assert "| variant | lang | entailment | neutral | contradiction | other | n |" in md
+  assert "| base | zh | 0.0% | 75.0% | 0.0% | 25.0% | 4 |" in md
+  assert "| zero_shot | zh | 50.0% | 25.0% | 25.0% | 0.0% | 4 |" in md

@@ -188,10 +188,55 @@ def _paired_table(paired: dict, model: str, task: str, metric: str) -> list[str]
   return md
 
 
-def table(rows: Sequence[dict], paired: dict | None = None) -> tuple[str, list[list]]:
+def label_shares(workdirs: Sequence[str]) -> dict[tuple, dict]:
+  """(model, task, variant, lang) -> {'n': items, 'shares': {label: share, ..., 'other': share}}
+  of the latest step's predictions, for tasks with a closed label set (Task.labels). A model
+  that learned only a label prior shows as one label near 100%, whatever its accuracy says."""
+  out: dict[tuple, dict] = {}
+  for wd in map(Workdir, workdirs):
+    for (model, task, variant, lang, _), row in latest(read_metrics([wd.eval_metrics])).items():
+      labels = TASKS[task].labels if task in TASKS else ()
+      path = wd.predictions(variant, row["step"], task, lang)
+      if not labels or (model, task, variant, lang) in out or not os.path.isfile(path):
+        continue
+      preds = appendlog.records(path)
+      counts = dict.fromkeys((*labels, "other"), 0)
+      for p in preds:
+        answer = TASKS[task].extract_answer(str(p.get("prediction", "")), lang)
+        counts[answer if answer in counts else "other"] += 1
+      out[(model, task, variant, lang)] = {
+          "n": len(preds), "shares": {k: c / max(len(preds), 1) for k, c in counts.items()}}
+  return out
+
+
+def _label_table(shares: dict, model: str, task: str) -> list[str]:
+  """Markdown: the share of test items given each label, per variant and language."""
+  keys = [k for k in shares if k[:2] == (model, task)]
+  if not keys:
+    return []
+  labels = [k for k in shares[keys[0]]["shares"] if k != "other" or any(
+      shares[key]["shares"]["other"] for key in keys)]
+  md = [f"#### {task} — predicted labels{f' — {model}' if model else ''}\n",
+        "| variant | lang | " + " | ".join(labels) + " | n |",
+        "|---|---|" + "---|" * (len(labels) + 1)]
+  for v in _variants(keys):
+    for lang in _langs(keys):
+      s = shares.get((model, task, v, lang))
+      if s:
+        md.append(f"| {v} | {lang} | " + " | ".join(f"{100 * s['shares'][k]:.1f}%"
+                                                     for k in labels) + f" | {s['n']} |")
+  md.append("\nThe share of test items each model gave each label (its latest step, from "
+            "eval/predictions/); a model that learned only the label prior of its training "
+            "data puts most items in one column.\n")
+  return md
+
+
+def table(rows: Sequence[dict], paired: dict | None = None,
+          labels: dict | None = None) -> tuple[str, list[list]]:
   """Markdown table(s), one per (model, task) for our metric and one for the metrics scored
   as published tables (when eval.lm_eval_compat wrote them), and the same content as CSV;
-  with `paired` (paired_stats), each task's paired comparison with zero_shot too."""
+  with `paired` (paired_stats), each task's paired comparison with zero_shot too, and with
+  `labels` (label_shares), how often each variant predicted each label."""
   best = latest(rows)
   md, csv_rows = [], [["model", "task", "metric", "variant", "lang", "step", "value",
                        "ci_low", "ci_high", "n", "delta_vs_zero_shot", "truncated",
@@ -220,6 +265,7 @@ def table(rows: Sequence[dict], paired: dict | None = None) -> tuple[str, list[l
               + ("\n†k: k generations hit eval.max_new_tokens before a stop (answers may be "
                  "cut off); raise eval.max_new_tokens." if cut_any else "") + "\n")
     md += _paired_table(paired or {}, model, task, metric)
+    md += _label_table(labels or {}, model, task)
     if compat:
       md += _compat_table(best, model, task, compat, csv_rows, paired)
   return "\n".join(md), csv_rows
@@ -409,7 +455,7 @@ def write_report(workdirs: Sequence[str], out_dir: str | None = None) -> str:
   rows = read_metrics(Workdir(w).eval_metrics for w in workdirs)
   out = Workdir(out_dir or workdirs[0])
   os.makedirs(out.root, exist_ok=True)
-  md, csv_rows = table(rows, paired_stats(workdirs))
+  md, csv_rows = table(rows, paired_stats(workdirs), label_shares(workdirs))
   md += train_cuts(workdirs)
   if rows:
     plot(rows, out.report("png"))

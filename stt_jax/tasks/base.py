@@ -199,6 +199,9 @@ class Task:
   # Metrics under the rules of published tables (lm-eval-harness, MLQA;
   # compat.py), reported beside ours when eval.lm_eval_compat is on.
   compat_metric_names: tuple[str, ...] = ()
+  # The closed answer set of a classification task (() for open answers): the report counts
+  # how often each model predicts each label, which shows a model that learned a label prior.
+  labels: tuple[str, ...] = ()
 
   # -- loading --------------------------------------------------------------
 

@@ -58,6 +58,7 @@ class Xnli(base.Task):
   prompt_template = "Premise: {premise}\nHypothesis: {hypothesis}\nLabel:"
   metric_names = ("accuracy",)
   compat_metric_names = ("lm_eval_acc",)
+  labels = LABELS
 
   def parse_row(self, record: Mapping[str, Any], split: str,
                 lang: str) -> base.Example:
