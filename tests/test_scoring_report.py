@@ -232,7 +232,7 @@ def test_report_counts_predicted_labels_for_a_classification_task(tmp_path):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"id": f"x{i}", "prediction": p, "accuracy": 0.0})
                             + "\n" for i, p in enumerate(labels)))
-  shares = report.label_shares([str(tmp_path)])
+  shares = report.label_shares(report.latest_evals([str(tmp_path)]))
   assert shares[("m", "xnli", "zero_shot", "zh")] == {
       "n": 4, "shares": {"entailment": 0.5, "neutral": 0.25, "contradiction": 0.25,
                          "other": 0.0}}

@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import ml_collections
 
@@ -124,28 +125,51 @@ def _csv_row(best: dict, key: tuple, delta, paired: dict | None = None) -> list:
           r.get("n"), delta, r.get("truncated"), *extra]
 
 
-def paired_stats(workdirs: Sequence[str]) -> dict[tuple, dict | str]:
+class Evals(NamedTuple):
+  """One workdir's eval rows, the latest per (model, task, variant, lang, metric), and its
+  per-item predictions, each file read once however many tables use them."""
+  wd: Workdir
+  rows: list[dict]
+  best: dict[tuple, dict]
+  cache: dict[str, list[dict] | None]
+
+  def predictions(self, variant: str, row: dict) -> tuple[str, list[dict] | None]:
+    """(path, records; None when the file is missing) of `row`'s eval/predictions/ file."""
+    path = self.wd.predictions(variant, row["step"], row["task"], row["lang"])
+    if path not in self.cache:
+      self.cache[path] = appendlog.records(path) if os.path.isfile(path) else None
+    return path, self.cache[path]
+
+
+def latest_evals(workdirs: Sequence[str]) -> list[Evals]:
+  """Each workdir's eval/metrics.jsonl reduced to its latest steps (the paired and label
+  tables both read from this)."""
+  evals = []
+  for wd in map(Workdir, workdirs):
+    rows = read_metrics([wd.eval_metrics])
+    evals.append(Evals(wd, rows, latest(rows), {}))
+  return evals
+
+
+def paired_stats(evals: Sequence[Evals]) -> dict[tuple, dict | str]:
   """(model, task, variant, lang, metric) -> the paired comparison of each variant's latest
   step with zero_shot's on the same test items (eval/predictions/, matched by id):
   {delta, ci_low, ci_high, p (McNemar, None for graded metrics), n, better, worse}; a one-line
   error instead where the two files cover different items. Keys without both files are left
   out."""
   out: dict[tuple, dict | str] = {}
-  for wd in map(Workdir, workdirs):
-    best, files = latest(read_metrics([wd.eval_metrics])), {}
-    for key, row in best.items():
+  for ev in evals:
+    for key, row in ev.best.items():
       model, task, variant, lang, metric = key
-      base = best.get((model, task, BASELINE, lang, metric))
+      base = ev.best.get((model, task, BASELINE, lang, metric))
       if variant == BASELINE or base is None:
         continue
-      paths = [wd.predictions(v, r["step"], task, lang) for v, r in ((variant, row),
-                                                                      (BASELINE, base))]
-      if not all(map(os.path.isfile, paths)):
+      (pa, a), (pb, b) = ev.predictions(variant, row), ev.predictions(BASELINE, base)
+      if a is None or b is None:
         continue
-      preds = [files.setdefault(p, appendlog.records(p)) for p in paths]
       try:
-        a, b = scoring.paired_items(*preds, metric,
-                                    names=tuple(os.path.relpath(p, wd.root) for p in paths))
+        a, b = scoring.paired_items(a, b, metric, names=(os.path.relpath(pa, ev.wd.root),
+                                                         os.path.relpath(pb, ev.wd.root)))
       except ValueError as e:
         out[key] = f"report: {e}"
         logging.warning("%s", out[key])
@@ -188,18 +212,19 @@ def _paired_table(paired: dict, model: str, task: str, metric: str) -> list[str]
   return md
 
 
-def label_shares(workdirs: Sequence[str]) -> dict[tuple, dict]:
+def label_shares(evals: Sequence[Evals]) -> dict[tuple, dict]:
   """(model, task, variant, lang) -> {'n': items, 'shares': {label: share, ..., 'other': share}}
   of the latest step's predictions, for tasks with a closed label set (Task.labels). A model
   that learned only a label prior shows as one label near 100%, whatever its accuracy says."""
   out: dict[tuple, dict] = {}
-  for wd in map(Workdir, workdirs):
-    for (model, task, variant, lang, _), row in latest(read_metrics([wd.eval_metrics])).items():
+  for ev in evals:
+    for (model, task, variant, lang, _), row in ev.best.items():
       labels = TASKS[task].labels if task in TASKS else ()
-      path = wd.predictions(variant, row["step"], task, lang)
-      if not labels or (model, task, variant, lang) in out or not os.path.isfile(path):
+      if not labels or (model, task, variant, lang) in out:
         continue
-      preds = appendlog.records(path)
+      _, preds = ev.predictions(variant, row)
+      if preds is None:
+        continue
       counts = dict.fromkeys((*labels, "other"), 0)
       for p in preds:
         answer = TASKS[task].extract_answer(str(p.get("prediction", "")), lang)
@@ -452,10 +477,11 @@ def _params(rows, model) -> float:
 def write_report(workdirs: Sequence[str], out_dir: str | None = None) -> str:
   """Writes report.md, report.csv, report.png and the pictures of report_plots (training loss,
   eval curves, translation filters) into out_dir (default: first workdir)."""
-  rows = read_metrics(Workdir(w).eval_metrics for w in workdirs)
+  evals = latest_evals(workdirs)
+  rows = [r for ev in evals for r in ev.rows]
   out = Workdir(out_dir or workdirs[0])
   os.makedirs(out.root, exist_ok=True)
-  md, csv_rows = table(rows, paired_stats(workdirs), label_shares(workdirs))
+  md, csv_rows = table(rows, paired_stats(evals), label_shares(evals))
   md += train_cuts(workdirs)
   if rows:
     plot(rows, out.report("png"))
