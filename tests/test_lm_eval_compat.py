@@ -282,6 +282,7 @@ def test_eval_stage_writes_compat_rows(tmp_path, monkeypatch):
   with open(wd.predictions("zero_shot", 2, "xnli", "de"), encoding="utf-8") as f:
     written = [json.loads(line) for line in f]
   assert [(w["prediction"], w["lm_eval_choice"]) for w in written] == [("neutral", 2)] * 6
+  assert [w["label"] for w in written] == [r["label"] for r in test]  # The gold label.
   assert [w["lm_eval_acc"] for w in written] == [
       float(r["label"] == "contradiction") for r in test]
   out.append(rows)

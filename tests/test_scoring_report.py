@@ -227,16 +227,22 @@ def test_report_counts_predicted_labels_for_a_classification_task(tmp_path):
   (tmp_path / "eval" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   preds = {"zero_shot-10": ["entailment", "entailment", "neutral", "contradiction"],
            "base-0": ["neutral", "neutral", "neutral", "maybe"]}  # Generation: no label word.
+  gold = ["entailment", "neutral", "neutral", "contradiction"]
   for name, labels in preds.items():
     path = tmp_path / "eval" / "predictions" / f"{name}-xnli-zh.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"id": f"x{i}", "prediction": p, "accuracy": 0.0})
-                            + "\n" for i, p in enumerate(labels)))
+    path.write_text("".join(json.dumps({"id": f"x{i}", "prediction": p, "accuracy": 0.0,
+                                        **({"label": g} if name == "zero_shot-10" else {})})
+                            + "\n" for i, (p, g) in enumerate(zip(labels, gold))))
   shares = report.label_shares(report.latest_evals([str(tmp_path)]))
   assert shares[("m", "xnli", "zero_shot", "zh")] == {
       "n": 4, "shares": {"entailment": 0.5, "neutral": 0.25, "contradiction": 0.25,
-                         "other": 0.0}}
+                         "other": 0.0},
+      "recall": {"entailment": 1.0, "neutral": 0.5, "contradiction": 1.0}}
+  assert shares[("m", "xnli", "base", "zh")]["recall"] is None  # Rows without a gold label.
   md = report.write_report([str(tmp_path)])
   assert "| variant | lang | entailment | neutral | contradiction | other | n |" in md
   assert "| base | zh | 0.0% | 75.0% | 0.0% | 25.0% | 4 |" in md
   assert "| zero_shot | zh | 50.0% | 25.0% | 25.0% | 0.0% | 4 |" in md
+  assert "#### xnli — accuracy per gold label — m" in md
+  assert "| zero_shot | zh | 100.0% | 50.0% | 100.0% | 4 |" in md and "| base | zh | —" not in md

@@ -171,10 +171,12 @@ def _gather_predictions(mine: list, test, wd: Workdir, variant, step, task, lang
 def _write_predictions(path, test, preds, stopped, choices, per_example) -> None:
   """One row per test item; `stopped` (generation only) is False where the answer was cut
   by eval.max_new_tokens; `lm_eval_choice` is the continuation the compat pass ranked first
-  (XNLI: 0 entailment, 1 neutral, 2 contradiction)."""
+  (XNLI: 0 entailment, 1 neutral, 2 contradiction); `label`, a classification item's gold
+  label (the report's accuracy per gold label)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   appendlog.write_atomic(path, "".join(
       json.dumps({"id": r["id"], "prediction": p, **({} if st is None else {"stopped": st}),
+                  **({"label": r["label"]} if isinstance(r.get("label"), str) else {}),
                   **({} if c is None else {"lm_eval_choice": c}), **s},
                  ensure_ascii=False) + "\n"
       for r, p, st, c, s in zip(test, preds, stopped, choices, per_example)))

@@ -213,9 +213,11 @@ def _paired_table(paired: dict, model: str, task: str, metric: str) -> list[str]
 
 
 def label_shares(evals: Sequence[Evals]) -> dict[tuple, dict]:
-  """(model, task, variant, lang) -> {'n': items, 'shares': {label: share, ..., 'other': share}}
-  of the latest step's predictions, for tasks with a closed label set (Task.labels). A model
-  that learned only a label prior shows as one label near 100%, whatever its accuracy says."""
+  """(model, task, variant, lang) -> {'n': items, 'shares': {label: share, ..., 'other': share},
+  'recall': {gold label: accuracy on its items} or None} of the latest step's predictions, for
+  tasks with a closed label set (Task.labels). A model that learned only a label prior shows
+  as one label near 100%, whatever its accuracy says; recall (where the prediction rows carry
+  the gold `label`) shows which labels a model gets wrong."""
   out: dict[tuple, dict] = {}
   for ev in evals:
     for (model, task, variant, lang, _), row in ev.best.items():
@@ -226,11 +228,18 @@ def label_shares(evals: Sequence[Evals]) -> dict[tuple, dict]:
       if preds is None:
         continue
       counts = dict.fromkeys((*labels, "other"), 0)
+      right, gold = dict.fromkeys(labels, 0), dict.fromkeys(labels, 0)
       for p in preds:
         answer = TASKS[task].extract_answer(str(p.get("prediction", "")), lang)
         counts[answer if answer in counts else "other"] += 1
+        if p.get("label") in gold:
+          gold[p["label"]] += 1
+          right[p["label"]] += answer == p["label"]
+      recall = ({k: right[k] / gold[k] for k in labels if gold[k]}
+                if sum(gold.values()) == len(preds) else None)
       out[(model, task, variant, lang)] = {
-          "n": len(preds), "shares": {k: c / max(len(preds), 1) for k, c in counts.items()}}
+          "n": len(preds), "shares": {k: c / max(len(preds), 1) for k, c in counts.items()},
+          "recall": recall}
   return out
 
 
@@ -253,6 +262,22 @@ def _label_table(shares: dict, model: str, task: str) -> list[str]:
   md.append("\nThe share of test items each model gave each label (its latest step, from "
             "eval/predictions/); a model that learned only the label prior of its training "
             "data puts most items in one column.\n")
+  recall = [k for k in keys if shares[k].get("recall")]
+  if recall:
+    gold = [k for k in labels if k != "other"]
+    md += [f"#### {task} — accuracy per gold label{f' — {model}' if model else ''}\n",
+           "| variant | lang | " + " | ".join(gold) + " | n |",
+           "|---|---|" + "---|" * (len(gold) + 1)]
+    for v in _variants(recall):
+      for lang in _langs(recall):
+        s = shares.get((model, task, v, lang))
+        if s and s.get("recall"):
+          md.append(f"| {v} | {lang} | " + " | ".join(
+              f"{100 * s['recall'][k]:.1f}%" if k in s["recall"] else "—" for k in gold)
+                    + f" | {s['n']} |")
+    md.append("\nOf the test items whose gold label is the column's, the share the model got "
+              "right (recall): models of equal accuracy can differ in which labels they "
+              "confuse, e.g. where training left the boundary between two labels.\n")
   return md
 
 
