@@ -133,9 +133,9 @@ class Evals(NamedTuple):
   best: dict[tuple, dict]
   cache: dict[str, list[dict] | None]
 
-  def predictions(self, variant: str, row: dict) -> tuple[str, list[dict] | None]:
+  def predictions(self, row: dict) -> tuple[str, list[dict] | None]:
     """(path, records; None when the file is missing) of `row`'s eval/predictions/ file."""
-    path = self.wd.predictions(variant, row["step"], row["task"], row["lang"])
+    path = self.wd.predictions(row["variant"], row["step"], row["task"], row["lang"])
     if path not in self.cache:
       self.cache[path] = appendlog.records(path) if os.path.isfile(path) else None
     return path, self.cache[path]
@@ -164,7 +164,7 @@ def paired_stats(evals: Sequence[Evals]) -> dict[tuple, dict | str]:
       base = ev.best.get((model, task, BASELINE, lang, metric))
       if variant == BASELINE or base is None:
         continue
-      (pa, a), (pb, b) = ev.predictions(variant, row), ev.predictions(BASELINE, base)
+      (pa, a), (pb, b) = ev.predictions(row), ev.predictions(base)
       if a is None or b is None:
         continue
       try:
@@ -224,7 +224,7 @@ def label_shares(evals: Sequence[Evals]) -> dict[tuple, dict]:
       labels = TASKS[task].labels if task in TASKS else ()
       if not labels or (model, task, variant, lang) in out:
         continue
-      _, preds = ev.predictions(variant, row)
+      _, preds = ev.predictions(row)
       if preds is None:
         continue
       counts = dict.fromkeys((*labels, "other"), 0)

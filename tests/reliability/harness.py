@@ -36,13 +36,13 @@ WRITE_POINTS = {"translate": "translate.append", "train": "train.log", "eval": "
 # of compiling them (about half of each process's time on 2 cores). A copy per process: JAX
 # writes cache entries in place, and a process killed mid-write (or two processes of one
 # multi-host run writing the same entry) must not leave a torn entry for another process.
-_compile_cache: dict[str, str] = {}
+_compile_cache: dict = {}  # {"path": str, "shared": bool} once set.
 
 
 def use_compile_cache(path: str, *, shared: bool = False) -> None:
   """Processes started from now on use the compilation cache at `path`: itself when `shared`
   (the uninterrupted reference runs, which are never killed), else a fresh copy each."""
-  _compile_cache.update(path=path, shared="1" if shared else "")
+  _compile_cache.update(path=path, shared=shared)
 
 
 def _cache_env() -> dict:
