@@ -243,6 +243,24 @@ def label_shares(evals: Sequence[Evals]) -> dict[tuple, dict]:
   return out
 
 
+def _percent_table(title: str, shares: dict, keys: Sequence[tuple], field: str,
+                   columns: Sequence[str], model: str) -> list[str]:
+  """Markdown rows of `shares[key][field][column]` as percentages ('—' where absent), one
+  row per (variant, lang) of `keys`."""
+  md = [f"#### {title}{f' — {model}' if model else ''}\n",
+        "| variant | lang | " + " | ".join(columns) + " | n |",
+        "|---|---|" + "---|" * (len(columns) + 1)]
+  for v in _variants(keys):
+    for lang in _langs(keys):
+      key = next((k for k in keys if k[2:] == (v, lang)), None)
+      if key is not None:
+        values = shares[key][field]
+        md.append(f"| {v} | {lang} | " + " | ".join(
+            f"{100 * values[c]:.1f}%" if c in values else "—" for c in columns)
+                  + f" | {shares[key]['n']} |")
+  return md
+
+
 def _label_table(shares: dict, model: str, task: str) -> list[str]:
   """Markdown: the share of test items given each label, per variant and language."""
   keys = [k for k in shares if k[:2] == (model, task)]
@@ -250,31 +268,14 @@ def _label_table(shares: dict, model: str, task: str) -> list[str]:
     return []
   labels = [k for k in shares[keys[0]]["shares"] if k != "other" or any(
       shares[key]["shares"]["other"] for key in keys)]
-  md = [f"#### {task} — predicted labels{f' — {model}' if model else ''}\n",
-        "| variant | lang | " + " | ".join(labels) + " | n |",
-        "|---|---|" + "---|" * (len(labels) + 1)]
-  for v in _variants(keys):
-    for lang in _langs(keys):
-      s = shares.get((model, task, v, lang))
-      if s:
-        md.append(f"| {v} | {lang} | " + " | ".join(f"{100 * s['shares'][k]:.1f}%"
-                                                     for k in labels) + f" | {s['n']} |")
+  md = _percent_table(f"{task} — predicted labels", shares, keys, "shares", labels, model)
   md.append("\nThe share of test items each model gave each label (its latest step, from "
             "eval/predictions/); a model that learned only the label prior of its training "
             "data puts most items in one column.\n")
   recall = [k for k in keys if shares[k].get("recall")]
   if recall:
-    gold = [k for k in labels if k != "other"]
-    md += [f"#### {task} — accuracy per gold label{f' — {model}' if model else ''}\n",
-           "| variant | lang | " + " | ".join(gold) + " | n |",
-           "|---|---|" + "---|" * (len(gold) + 1)]
-    for v in _variants(recall):
-      for lang in _langs(recall):
-        s = shares.get((model, task, v, lang))
-        if s and s.get("recall"):
-          md.append(f"| {v} | {lang} | " + " | ".join(
-              f"{100 * s['recall'][k]:.1f}%" if k in s["recall"] else "—" for k in gold)
-                    + f" | {s['n']} |")
+    md += _percent_table(f"{task} — accuracy per gold label", shares, recall, "recall",
+                         [k for k in labels if k != "other"], model)
     md.append("\nOf the test items whose gold label is the column's, the share the model got "
               "right (recall): models of equal accuracy can differ in which labels they "
               "confuse, e.g. where training left the boundary between two labels.\n")
